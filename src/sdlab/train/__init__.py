@@ -1,0 +1,1 @@
+"""sdlab's training recipes, all on one loop (sdlab.train.loop)."""
