@@ -137,6 +137,7 @@ class Pipeline:
     def __init__(self, components: Components):
         self.components = components
         self.encoder = PromptEncoder(components.tokenizer, components.text_encoder)
+        self.infotext_extras: dict[str, str] = {}  # LoRAs, embeddings (sdlab.personalize)
 
     # --- public API -------------------------------------------------------------------------
 
@@ -399,7 +400,7 @@ class Pipeline:
         params = GenerationParams(prompt=r.prompt, negative_prompt=r.negative_prompt, seed=r.seed,
                                   steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
                                   width=s.width, height=s.height, model=self.components.name,
-                                  denoising_strength=strength)
+                                  denoising_strength=strength, extras=dict(self.infotext_extras))
         return Result(image=image, params=params, **kw)
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from sdlab.errors import InputError
+
 CANVAS = 64
 SUPERSAMPLE = 4
 
@@ -56,12 +58,12 @@ class Scene:
 
     def __post_init__(self) -> None:
         if self.shape not in ALL_SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; valid: {', '.join(ALL_SHAPES)}")
+            raise InputError(f"unknown shape {self.shape!r}; valid: {', '.join(ALL_SHAPES)}")
         for c in (self.color, self.background):
             if c not in PALETTE:
-                raise ValueError(f"unknown colour {c!r}; valid: {', '.join(COLORS)}")
+                raise InputError(f"unknown colour {c!r}; valid: {', '.join(COLORS)}")
         if self.color == self.background:
-            raise ValueError("object and background must differ in colour")
+            raise InputError("object and background must differ in colour")
 
 
 def sample_scene(rng: random.Random, *, shapes: tuple[str, ...] = BASE_SHAPES,
@@ -72,10 +74,10 @@ def sample_scene(rng: random.Random, *, shapes: tuple[str, ...] = BASE_SHAPES,
         color = fixed.get("color") or rng.choice(COLORS)
         background = fixed.get("background") or rng.choice([c for c in COLORS if c != color])
         if color == background:
-            raise ValueError("object and background must differ in colour")
+            raise InputError("object and background must differ in colour")
         if not allow_held_out_combination and (color, shape) == HELD_OUT_COMBINATION:
             if "color" in fixed and "shape" in fixed:
-                raise ValueError("green triangle is held out of the base training set")
+                raise InputError("green triangle is held out of the base training set")
             continue
         size = fixed.get("size") or rng.choice(tuple(SIZES))
         position = fixed.get("position") or rng.choice(tuple(POSITIONS))
@@ -126,7 +128,7 @@ def object_mask(shape: str, side: float, center: tuple[float, float], *,
         r2 = dx**2 + dy**2
         hit = (r2 <= half**2) & (r2 >= (half / 2) ** 2)
     else:
-        raise ValueError(f"unknown shape {shape!r}")
+        raise InputError(f"unknown shape {shape!r}")
     return hit.reshape(canvas, supersample, canvas, supersample).mean(axis=(1, 3))
 
 

@@ -1,0 +1,301 @@
+"""Dreambooth: fine-tune a model on a few images of a subject named by a rare word, fully or as a
+LoRA.
+
+    sdlab train dreambooth --model shapes --images DIR --instance-prompt "a yellow sks" --out DIR
+        [--class-prompt "a yellow circle" --prior-preservation] [--train-text-encoder]
+        [--lora --rank 4]
+
+Full fine-tuning trains the UNet (and with --train-text-encoder the text encoder) and writes a
+diffusers-format model folder: everything of the source model is copied except the trained parts,
+which are saved (in --save-dtype, fp16 by default), and sdlab.json names the new model after its
+folder, keeping the source's generation defaults. `--model DIR` then loads it.
+
+With --lora, peft adapters of rank R (alpha = R, so scale 1) are trained on the UNet's attention
+projections (to_q, to_k, to_v, to_out.0) and, with --train-text-encoder, on the text encoder's
+(q_proj, k_proj, v_proj, out_proj); the base weights stay frozen, and one small file,
+`pytorch_lora_weights.safetensors`, is written in diffusers' key format (what
+StableDiffusionLoraLoaderMixin.save_lora_weights writes), loadable with `--lora FILE[:WEIGHT]`
+and by diffusers' load_lora_weights.
+
+Prior preservation (--prior-preservation with --class-prompt): the model first generates
+--num-class-images images of the class prompt itself; each step then adds a batch of them, with
+the class prompt, to the loss (times --prior-loss-weight), so the class keeps its meaning. They are
+cached in a folder keyed by the model (path and weights' size and time), prompt, count and seed:
+under --class-data-dir, else $SDLAB_CACHE or ~/.cache/sdlab, in class-images/.
+
+Defaults (see sdlab.train.personal): small models 300 steps, batch 8 (+8 class), lr 1e-4 full /
+1e-3 LoRA, 64 class images; 512 px models 400 steps lr 5e-6 full, 500 steps lr 1e-4 LoRA, batch 1,
+100 class images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdlab.errors import InputError
+from sdlab.train.personal import CLASS_IMAGES, ImageSet, Session, TrainConfig, format_caption
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TRAINED_PARTS = ("unet", "text_encoder")
+SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+DONE_FILE = "done.json"
+
+
+@dataclass
+class DreamboothConfig(TrainConfig):
+    instance_prompt: str = ""
+    class_prompt: str | None = None
+    prior_preservation: bool = False
+    num_class_images: int | None = None  # None: by model size
+    prior_loss_weight: float = 1.0
+    train_text_encoder: bool = False
+    lora: bool = False
+    rank: int = 4
+    class_data_dir: str | None = None
+    save_dtype: str = "fp16"
+
+    def check(self) -> None:
+        super().check()
+        if not self.instance_prompt:
+            raise InputError("dreambooth needs --instance-prompt")
+        if not self.out:
+            raise InputError("dreambooth needs --out DIR")
+        if self.prior_preservation and not self.class_prompt:
+            raise InputError("--prior-preservation needs --class-prompt")
+        if self.num_class_images is not None and self.num_class_images < 1:
+            raise InputError(f"num-class-images must be >= 1, got {self.num_class_images}")
+        if self.rank < 1:
+            raise InputError(f"rank must be >= 1, got {self.rank}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise InputError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}")
+
+
+# --- class images ---------------------------------------------------------------------------
+
+def cache_root(cfg: DreamboothConfig) -> Path:
+    if cfg.class_data_dir:
+        return Path(cfg.class_data_dir)
+    base = os.environ.get("SDLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdlab"
+    return Path(base) / "class-images"
+
+
+def model_stamp(model: str) -> dict:
+    """What identifies a model's weights: its path and the size and time of its UNet files."""
+    from sdlab.components import resolve_model_path
+    path = resolve_model_path(model).resolve()
+    files = sorted((path / "unet").iterdir()) if path.is_dir() else [path]
+    return {"path": str(path), "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                         for f in files if f.is_file()]}
+
+
+def class_folder(cfg: DreamboothConfig, n: int) -> Path:
+    key = json.dumps({"model": model_stamp(cfg.model), "prompt": cfg.class_prompt, "n": n,
+                      "seed": cfg.seed}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    slug = re.sub(r"[^a-z0-9]+", "-", cfg.class_prompt.lower()).strip("-")[:40]
+    return cache_root(cfg) / f"{slug}-{n}-{digest}"
+
+
+def ensure_class_images(s: Session, cfg: DreamboothConfig) -> Path:
+    """Generate (once; the main process) the class images with the untrained model."""
+    n = cfg.num_class_images or CLASS_IMAGES[s.scale]
+    folder = class_folder(cfg, n)
+    if s.accelerator.is_main_process and not (folder / DONE_FILE).exists():
+        from tqdm.auto import tqdm
+
+        from sdlab.images import save_png
+        folder.mkdir(parents=True, exist_ok=True)
+        batch = max(1, cfg.batch_size)
+        for start in tqdm(range(0, n, batch), desc="class images", dynamic_ncols=True):
+            with s.accelerator.autocast():
+                results = s.pipe.generate(cfg.class_prompt, seed=cfg.seed + start,
+                                          num_images=min(batch, n - start))
+            for k, r in enumerate(results):
+                save_png(r.image, folder / f"{start + k:05d}.png", r.params.infotext())
+        (folder / DONE_FILE).write_text(json.dumps({"model": cfg.model, "prompt": cfg.class_prompt,
+                                                    "n": n, "seed": cfg.seed}))
+    s.accelerator.wait_for_everyone()
+    return folder
+
+
+# --- models ---------------------------------------------------------------------------------
+
+def prepare_models(s: Session, cfg: DreamboothConfig) -> list[torch.nn.Module]:
+    """Set which weights learn (full or LoRA); returns the modules that train."""
+    from peft import LoraConfig
+    c = s.components
+    trained = [c.unet] + ([c.text_encoder] if cfg.train_text_encoder else [])
+    s.freeze(*[m for m in (c.unet, c.text_encoder) if m not in trained])
+    for module, targets in zip(trained, (UNET_LORA_TARGETS, TEXT_LORA_TARGETS)):
+        if cfg.lora:
+            module.requires_grad_(False)
+            module.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                                          target_modules=targets))
+        else:
+            module.requires_grad_(True)
+        module.train()
+    if cfg.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            c.text_encoder.gradient_checkpointing_enable()
+    return trained
+
+
+def train_dreambooth(cfg: DreamboothConfig) -> Path:
+    """Train; returns the model folder (full) or the LoRA file."""
+    cfg.check()
+    out = Path(cfg.out)
+    s = Session(cfg, "lora" if cfg.lora else "dreambooth", out)
+    _check_out_is_not_source(cfg)
+    instance = s.load_images(cfg.images)
+    prior = None
+    if cfg.prior_preservation:
+        prior = s.load_images(ensure_class_images(s, cfg), seed_offset=1)
+    trained = prepare_models(s, cfg)
+    prepared = s.accelerator.prepare(*trained)
+    prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+    unet = prepared[0]
+    te = prepared[1] if cfg.train_text_encoder else s.components.text_encoder
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+
+    def prompts_for(images: ImageSet, picks: list[int], prompt: str) -> list[str]:
+        return [format_caption(images.captions[i], prompt, prompt) for i in picks]
+
+    def make_batch(step: int):
+        latents, picks = s.batch(instance, step, cfg.batch_size)
+        prompts = prompts_for(instance, picks, cfg.instance_prompt)
+        if prior is not None:
+            class_latents, class_picks = s.batch(prior, step, cfg.batch_size)
+            latents = torch.cat([latents, class_latents])
+            prompts += [cfg.class_prompt] * len(class_picks)
+        return latents, prompts
+
+    def loss_fn(batch, step: int) -> torch.Tensor:
+        latents, prompts = batch
+        with torch.set_grad_enabled(cfg.train_text_encoder):
+            cond = te(s.token_ids(prompts))[0]
+        per_sample = s.diffusion_loss(unet, latents, cond, step)
+        if prior is None:
+            return per_sample.mean()
+        n = cfg.batch_size
+        return per_sample[:n].mean() + cfg.prior_loss_weight * per_sample[n:].mean()
+
+    def save_lora_checkpoint(step: int) -> None:
+        if cfg.lora and s.accelerator.is_main_process:
+            save_lora(s, cfg, out)
+
+    s.train(params, make_batch, loss_fn, cfg.validation_prompts or [cfg.instance_prompt],
+            on_checkpoint=save_lora_checkpoint)
+    s.validate("final", cfg.validation_prompts or [cfg.instance_prompt])
+    if not s.accelerator.is_main_process:
+        return out / LORA_FILE if cfg.lora else out
+    if cfg.lora:
+        return save_lora(s, cfg, out)
+    return export_model_folder(s, cfg, out)
+
+
+def _check_out_is_not_source(cfg: DreamboothConfig) -> None:
+    from sdlab.components import resolve_model_path
+    source = resolve_model_path(cfg.model).resolve()
+    if Path(cfg.out).resolve() == source:
+        raise InputError(f"--out {cfg.out} is the source model's folder; choose another")
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(dtype).cpu().contiguous() for k, v in state.items()}
+
+
+def save_lora(s: Session, cfg: DreamboothConfig, out: Path) -> Path:
+    """One safetensors file in diffusers' LoRA key format (unet.* and text_encoder.* keys)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    dtype = SAVE_DTYPES[cfg.save_dtype]
+    c = s.components
+    layers = {"unet_lora_layers": _cast(convert_state_dict_to_diffusers(get_peft_model_state_dict(c.unet)), dtype)}
+    meta = {"unet_lora_adapter_metadata": {"r": cfg.rank, "lora_alpha": cfg.rank,
+                                           "target_modules": UNET_LORA_TARGETS}}
+    if cfg.train_text_encoder:
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(c.text_encoder))
+        if not hasattr(c.text_encoder, "text_model"):  # transformers 5; files keep SD's names
+            state = {f"text_model.{k}": v for k, v in state.items()}
+        layers["text_encoder_lora_layers"] = _cast(state, dtype)
+        meta["text_encoder_lora_adapter_metadata"] = {"r": cfg.rank, "lora_alpha": cfg.rank,
+                                                      "target_modules": TEXT_LORA_TARGETS}
+    StableDiffusionLoraLoaderMixin.save_lora_weights(out, weight_name=LORA_FILE, **layers, **meta)
+    return out / LORA_FILE
+
+
+def export_model_folder(s: Session, cfg: DreamboothConfig, out: Path) -> Path:
+    """A diffusers-format folder: the source's parts copied, the trained ones saved."""
+    from sdlab.components import resolve_model_path
+    source = resolve_model_path(cfg.model)
+    c = s.components
+    dtype = SAVE_DTYPES[cfg.save_dtype]
+    out.mkdir(parents=True, exist_ok=True)
+    trained = {"unet": c.unet, "text_encoder": c.text_encoder if cfg.train_text_encoder else None}
+    if source.is_dir():
+        _copy_parts(source, out, skip={name for name, m in trained.items() if m is not None} | {"sdlab.json"})
+    else:
+        _write_parts_from_components(s, out)
+        trained["text_encoder"] = c.text_encoder
+    for name, module in trained.items():
+        if module is not None:
+            module.to(dtype).save_pretrained(out / name)
+    _write_sdlab_json(s, cfg, source, out)
+    return out
+
+
+def _copy_parts(source: Path, out: Path, skip: set[str]) -> None:
+    """model_index.json and the parts it names (not a source run's checkpoints or logs)."""
+    index = json.loads((source / "model_index.json").read_text())
+    parts = [name for name, value in index.items()
+             if isinstance(value, list) and value and value[0] and (source / name).is_dir()]
+    for name in parts:
+        if name not in skip:
+            shutil.copytree(source / name, out / name, dirs_exist_ok=True)
+    shutil.copy2(source / "model_index.json", out / "model_index.json")
+
+
+def _write_parts_from_components(s: Session, out: Path) -> None:
+    """For a single-file source: the frozen parts saved from memory, with a model_index.json."""
+    c = s.components
+    c.vae.save_pretrained(out / "vae")
+    getattr(c.tokenizer, "_tokenizer", c.tokenizer).save_pretrained(out / "tokenizer")
+    (out / "scheduler").mkdir(exist_ok=True)
+    config = {k: v for k, v in c.scheduler_config.items()}
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=1))
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+             "feature_extractor": [None, None], "safety_checker": [None, None],
+             "requires_safety_checker": False,
+             "scheduler": ["diffusers", config.get("_class_name", "DDIMScheduler")],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_sdlab_json(s: Session, cfg: DreamboothConfig, source: Path, out: Path) -> None:
+    """The source's sdlab.json (or its defaults) with the new name and how it was made."""
+    from dataclasses import asdict
+    meta_file = source / "sdlab.json" if source.is_dir() else None
+    meta = json.loads(meta_file.read_text()) if meta_file and meta_file.exists() else {}
+    meta["defaults"] = meta.get("defaults") or asdict(s.components.defaults)
+    meta["name"] = out.name
+    meta["personalization"] = {"recipe": "dreambooth", "source": cfg.model,
+                               "instance_prompt": cfg.instance_prompt,
+                               "class_prompt": cfg.class_prompt if cfg.prior_preservation else None,
+                               "steps": cfg.steps, "lr": cfg.lr,
+                               "train_text_encoder": cfg.train_text_encoder}
+    (out / "sdlab.json").write_text(json.dumps(meta, indent=2))

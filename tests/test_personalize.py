@@ -1,0 +1,284 @@
+"""Personalisation on tiny random models: textual inversion, Dreambooth (full and LoRA), loading
+embeddings and LoRAs of sdlab's, diffusers', A1111's and kohya's formats, errors and --resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import sdlab
+from sdlab import personalize
+from sdlab.errors import InputError, ModelLoadError
+from sdlab.train import data
+from sdlab.train.dreambooth import DreamboothConfig, class_folder, train_dreambooth
+from sdlab.train.textual_inversion import TextualInversionConfig, train_textual_inversion
+
+from conftest import make_tiny_sd_folder
+
+VOCAB = 49408  # CLIP's; the tiny text encoder has its embedding table
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny model of our own (Dreambooth copies it) that generates in 2 steps by default."""
+    path = make_tiny_sd_folder(tmp_path_factory.mktemp("p") / "tiny-p")
+    (path / "sdlab.json").write_text(json.dumps(
+        {"name": "tiny-p", "defaults": {"steps": 2, "width": 32, "height": 32}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three images of different sizes and formats, a caption file and a non-image file."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i, (size, suffix) in enumerate([((40, 60), ".png"), ((50, 50), ".jpg"), ((70, 30), ".png")]):
+        Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(folder / f"{i}{suffix}")
+    (folder / "0.txt").write_text("a {} on a blue background")
+    (folder / "notes.md").write_text("not an image")
+    return folder
+
+
+def common(model, images, out, **kw) -> dict:
+    return {"model": str(model), "images": str(images), "out": str(out), "batch_size": 2,
+            "validation_images": 0, "log_every": 1, **kw}
+
+
+@pytest.fixture(scope="module")
+def ti_run(model, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ti") / "learned_embeds.safetensors"
+    cfg = TextualInversionConfig(**common(model, images, out, steps=3, validation_images=1),
+                                 token="<x>", init_token="cat", vectors=2)
+    return cfg, train_textual_inversion(cfg)
+
+
+@pytest.fixture(scope="module")
+def lora_run(model, images, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    cfg = DreamboothConfig(**common(model, images, root / "out", steps=2, lr=1e-2),
+                           instance_prompt="a sks", lora=True, rank=2, train_text_encoder=True,
+                           prior_preservation=True, class_prompt="a dog", num_class_images=2,
+                           class_data_dir=str(root / "class"))
+    return cfg, train_dreambooth(cfg)
+
+
+def pixels(pipe, prompt="a <x> sks", seed=3) -> np.ndarray:
+    return pipe.generate(prompt, seed=seed)[0].pixels
+
+
+# --- textual inversion ----------------------------------------------------------------------
+
+def test_ti_learns_only_the_new_rows(model, ti_run):
+    cfg, out = ti_run
+    assert out.name == "learned_embeds.safetensors"
+    saved = load_file(str(out))
+    assert list(saved) == ["<x>"] and saved["<x>"].shape == (2, 32)
+
+    base = load_file(str(model / "text_encoder" / "model.safetensors"))
+    trained = load_file(str(out.parent / "checkpoint" / "model.safetensors"))
+    table = "embeddings.token_embedding.weight"
+    assert trained[table].shape == (VOCAB + 2, 32)
+    assert torch.equal(trained[table][:VOCAB], base[table])
+    assert all(torch.equal(trained[k], base[k]) for k in base if k != table)
+    cat = base[table][2368]  # "cat</w>": both vectors start from it
+    assert torch.equal(trained[table][VOCAB:], saved["<x>"])
+    assert not torch.allclose(saved["<x>"], cat.expand(2, -1))
+
+    for name in ("command.txt", "config.json", "loss.jsonl", "validation-final.png"):
+        assert (out.parent / name).exists(), name
+    config = json.loads((out.parent / "config.json").read_text())
+    assert config["steps"] == 3 and config["model_scale"] == "small" and config["resolution"] == 32
+
+
+def test_ti_embedding_loads_and_changes_generation(model, ti_run, tmp_path):
+    _, out = ti_run
+    pipe = sdlab.load(str(model), device="cpu")
+    personalize.apply_personalization(pipe, embeddings=[str(out)], loras=[])
+    assert pipe.encoder.tokenize("a <x> cat").ids[0][:5] == [49406, 320, VOCAB, VOCAB + 1, 2368]
+    learned = pipe.generate("a <x>", seed=3)
+    assert "TI hashes" in learned[0].params.infotext()
+
+    untrained = sdlab.load(str(model), device="cpu")
+    cat = untrained.components.text_encoder.get_input_embeddings().weight[2368].detach()
+    save_file({"<x>": cat.expand(2, -1).contiguous()}, str(tmp_path / "init.safetensors"))
+    personalize.apply_personalization(untrained, embeddings=[str(tmp_path / "init.safetensors")])
+    assert np.abs(learned[0].pixels - pixels(untrained, "a <x>")).max() > 1e-4
+
+
+def test_a1111_embeddings_load(model, tmp_path):
+    pipe = sdlab.load(str(model), device="cpu")
+    pt, st = torch.randn(3, 32), torch.randn(1, 32)
+    torch.save({"string_to_param": {"*": torch.nn.Parameter(pt)}, "name": "x", "step": 100},
+               tmp_path / "myemb.pt")
+    save_file({"emb_params": st}, str(tmp_path / "otheremb.safetensors"))
+    personalize.apply_personalization(
+        pipe, embeddings=[str(tmp_path / "myemb.pt"), f"{tmp_path / 'otheremb.safetensors'}:<o>"])
+    tok = pipe.components.tokenizer
+    ids = pipe.encoder.tokenize("myemb and (<o>:1.2)").ids[0]
+    names = tok.convert_ids_to_tokens(ids[1:6])
+    assert names == ["myemb", "myemb_1", "myemb_2", "and</w>", "<o>"]
+    table = pipe.components.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table[ids[1:4]], pt) and torch.equal(table[ids[5]], st[0])
+
+    save_file({"emb_params": st}, str(tmp_path / "cat.safetensors"))
+    with pytest.raises(InputError, match="already in the tokenizer's vocabulary"):
+        personalize.apply_personalization(pipe, embeddings=[str(tmp_path / "cat.safetensors")])
+    save_file({"<w>": torch.randn(1, 768)}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ModelLoadError, match="size 768"):
+        personalize.apply_personalization(pipe, embeddings=[str(tmp_path / "wide.safetensors")])
+
+
+def test_resume_continues_exactly(model, images, tmp_path):
+    def run(out, steps, resume=False):
+        cfg = TextualInversionConfig(**common(model, images, out / "e.safetensors", steps=steps),
+                                     token="<r>", init_token="dog", resume=resume)
+        return load_file(str(train_textual_inversion(cfg)))["<r>"]
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "loop_state.json").read_text())
+    assert state["step"] == 2
+    resumed = run(tmp_path / "b", 4, resume=True)
+    assert torch.allclose(straight, resumed, atol=1e-6)
+    losses = [json.loads(line)["step"] for line in (tmp_path / "b" / "loss.jsonl").read_text().splitlines()]
+    assert losses == [1, 2, 3, 4]
+
+
+# --- LoRA -----------------------------------------------------------------------------------
+
+def test_lora_file_loads_with_a_weight(model, lora_run):
+    cfg, out = lora_run
+    assert out.name == "pytorch_lora_weights.safetensors"
+    assert out.stat().st_size < 100_000
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("unet.") and ".to_q.lora.down.weight" in k for k in keys)
+    assert any(k.startswith("text_encoder.text_model.encoder.") for k in keys)
+
+    base = pixels(sdlab.load(str(model), device="cpu"), "a sks")
+    zero = sdlab.load(str(model), device="cpu")
+    personalize.apply_personalization(zero, loras=[f"{out}:0"])
+    assert np.array_equal(pixels(zero, "a sks"), base)
+    full = sdlab.load(str(model), device="cpu")
+    personalize.apply_personalization(full, loras=[f"{out}:1.5"])
+    result = full.generate("a sks", seed=3)[0]
+    assert np.abs(result.pixels - base).max() > 1e-4
+    assert 'Lora: "out:1.5"' in result.params.infotext()
+
+
+def _fused_by_diffusers(model, lora_file, weight):
+    from diffusers import StableDiffusionPipeline
+    sd = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    sd.load_lora_weights(str(lora_file))
+    sd.fuse_lora(lora_scale=weight)
+    return sd.unet.state_dict()
+
+
+def _base_layer(key: str) -> str:
+    return key.replace(".base_layer", "")
+
+
+def test_kohya_lora_loads_as_diffusers_fuses_it(model, tmp_path):
+    pipe = sdlab.load(str(model), device="cpu")
+    unet, te = pipe.components.unet, pipe.components.text_encoder
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    k = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    te_q = "encoder.layers.0.self_attn.q_proj"
+    gen = torch.Generator().manual_seed(0)
+    state, expected = {}, {}
+    for prefix, name, module in [("lora_unet_", q, unet), ("lora_unet_", k, unet),
+                                 ("lora_te_text_model_", te_q, te)]:
+        w = module.get_submodule(name).weight
+        key = prefix + name.replace(".", "_")
+        down, up = torch.randn(2, w.shape[1], generator=gen), torch.randn(w.shape[0], 2, generator=gen)
+        state |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                  f"{key}.alpha": torch.tensor(1.0)}
+        expected[(id(module), name)] = w.detach() + 0.8 * 0.5 * up @ down
+    save_file(state, str(tmp_path / "kohya.safetensors"))
+    personalize.apply_personalization(pipe, loras=[f"{tmp_path / 'kohya.safetensors'}:0.8"])
+    for module, name in [(unet, q), (unet, k), (te, te_q)]:
+        assert torch.allclose(module.get_submodule(name).weight, expected[(id(module), name)], atol=1e-6)
+
+    theirs = _fused_by_diffusers(model, tmp_path / "kohya.safetensors", 0.8)
+    for key, value in unet.state_dict().items():
+        assert torch.allclose(value, theirs[key], atol=1e-5), key
+
+    bad = {"lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 4),
+           "lora_unet_no_such_layer.lora_up.weight": torch.zeros(4, 2)}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ModelLoadError, match="not in this model"):
+        personalize.apply_personalization(pipe, loras=[str(tmp_path / "bad.safetensors")])
+
+
+def test_our_lora_fuses_as_diffusers_does(model, lora_run):
+    _, out = lora_run
+    ours = sdlab.load(str(model), device="cpu")
+    personalize.apply_personalization(ours, loras=[f"{out}:0.7"])
+    theirs = _fused_by_diffusers(model, out, 0.7)
+    for key, value in ours.components.unet.state_dict().items():
+        assert torch.allclose(value, theirs[key], atol=1e-5), key
+
+
+def test_class_images_are_generated_once_and_cached(lora_run):
+    cfg, _ = lora_run
+    folder = class_folder(cfg, 2)
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00001.png", "done.json"]
+    assert "a dog" in Image.open(folder / "00000.png").info["parameters"]
+
+
+# --- Dreambooth -----------------------------------------------------------------------------
+
+def test_dreambooth_writes_a_loadable_model(model, images, tmp_path):
+    out = tmp_path / "dog-model"
+    cfg = DreamboothConfig(**common(model, images, out, steps=2, lr=1e-3),
+                           instance_prompt="a sks", train_text_encoder=True)
+    assert train_dreambooth(cfg) == out
+    tuned = sdlab.load(str(out), device="cpu")
+    assert tuned.components.name == "dog-model"
+    assert tuned.components.defaults.steps == 2
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    base = pixels(sdlab.load(str(model), device="cpu"), "a sks")
+    assert np.abs(pixels(tuned, "a sks") - base).max() > 1e-4
+    assert (out / "command.txt").exists() and (out / "config.json").exists()
+    assert json.loads((out / "sdlab.json").read_text())["personalization"]["instance_prompt"] == "a sks"
+
+
+# --- data and errors ------------------------------------------------------------------------
+
+def test_images_are_cropped_and_captioned(images):
+    loaded = data.load_folder(images, 16)
+    assert [im.path.name for im in loaded] == ["0.png", "1.jpg", "2.png"]
+    assert all(im.pixels.shape == (3, 16, 16) for im in loaded)
+    assert loaded[0].caption == "a {} on a blue background" and loaded[1].caption is None
+    sampler = data.Sampler(3, repeats=2, seed=1)
+    epoch = [i for step in range(3) for i, _ in sampler.indices(step, 2)]
+    assert sorted(epoch) == [0, 0, 1, 1, 2, 2]
+    assert sampler.indices(5, 2) == data.Sampler(3, repeats=2, seed=1).indices(5, 2)
+
+
+def test_bad_image_folders_are_one_line_errors(model, tmp_path, capsys):
+    from sdlab.cli import main
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no images in"):
+        data.list_images(empty)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    Image.new("RGB", (8, 8)).save(broken / "good.png")
+    (broken / "bad.png").write_bytes(b"not a png at all")
+    with pytest.raises(InputError, match="bad.png"):
+        data.load_folder(broken, 16)
+
+    for folder, needle in [(empty, "no images in"), (broken, "bad.png")]:
+        code = main(["train", "textual-inversion", "--model", str(model), "--images", str(folder),
+                     "--token", "<q>", "--init-token", "cat", "--out", str(tmp_path / "q.safetensors")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
