@@ -20,7 +20,14 @@ run: $(STAMP)
 		--model shapes-fast --seed 0 --num-images 4 --out outputs
 	@echo "images are in $(CURDIR)/outputs (see 'sdlab info outputs/<file>.png')"
 
-test: $(STAMP)
+# The web page is tested in Debian's Chromium (driven by Playwright, no browser download).
+BROWSER := /usr/bin/chromium
+
+$(BROWSER):
+	@command -v apt-get >/dev/null || { echo "install Chromium (or set SDLAB_NO_BROWSER=1)"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+test: $(STAMP) $(if $(SDLAB_NO_BROWSER),,$(BROWSER))
 	$(BIN)/python -m pytest -q tests
 
 test-slow: $(STAMP)

@@ -54,7 +54,7 @@ def common(model, images, out, **kw) -> dict:
 @pytest.fixture(scope="module")
 def ti_run(model, images, tmp_path_factory):
     out = tmp_path_factory.mktemp("ti") / "learned_embeds.safetensors"
-    cfg = TextualInversionConfig(**common(model, images, out, steps=3, validation_images=1),
+    cfg = TextualInversionConfig(**common(model, images, out, steps=2, validation_images=1),
                                  token="<x>", init_token="cat", vectors=2)
     return cfg, train_textual_inversion(cfg)
 
@@ -62,7 +62,7 @@ def ti_run(model, images, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_run(model, images, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
-    cfg = DreamboothConfig(**common(model, images, root / "out", steps=2, lr=1e-2),
+    cfg = DreamboothConfig(**common(model, images, root / "out", steps=1, lr=1e-2),
                            instance_prompt="a sks", lora=True, rank=2, train_text_encoder=True,
                            prior_preservation=True, class_prompt="a dog", num_class_images=2,
                            class_data_dir=str(root / "class"))
@@ -94,7 +94,7 @@ def test_ti_learns_only_the_new_rows(model, ti_run):
     for name in ("command.txt", "config.json", "loss.jsonl", "validation-final.png"):
         assert (out.parent / name).exists(), name
     config = json.loads((out.parent / "config.json").read_text())
-    assert config["steps"] == 3 and config["model_scale"] == "small" and config["resolution"] == 32
+    assert config["steps"] == 2 and config["model_scale"] == "small" and config["resolution"] == 32
 
 
 def test_ti_embedding_loads_and_changes_generation(model, ti_run, tmp_path):
@@ -141,14 +141,14 @@ def test_resume_continues_exactly(model, images, tmp_path):
                                      token="<r>", init_token="dog", resume=resume)
         return load_file(str(train_textual_inversion(cfg)))["<r>"]
 
-    straight = run(tmp_path / "a", 4)
-    run(tmp_path / "b", 2)
+    straight = run(tmp_path / "a", 2)
+    run(tmp_path / "b", 1)
     state = json.loads((tmp_path / "b" / "checkpoint" / "loop_state.json").read_text())
-    assert state["step"] == 2
-    resumed = run(tmp_path / "b", 4, resume=True)
+    assert state["step"] == 1
+    resumed = run(tmp_path / "b", 2, resume=True)
     assert torch.allclose(straight, resumed, atol=1e-6)
-    losses = [json.loads(line)["step"] for line in (tmp_path / "b" / "loss.jsonl").read_text().splitlines()]
-    assert losses == [1, 2, 3, 4]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
 
 
 # --- LoRA -----------------------------------------------------------------------------------
@@ -162,15 +162,14 @@ def test_lora_file_loads_with_a_weight(model, lora_run):
     assert any(k.startswith("unet.") and ".to_q.lora.down.weight" in k for k in keys)
     assert any(k.startswith("text_encoder.text_model.encoder.") for k in keys)
 
-    base = pixels(sdlab.load(str(model), device="cpu"), "a sks")
-    zero = sdlab.load(str(model), device="cpu")
-    personalize.apply_personalization(zero, loras=[f"{out}:0"])
-    assert np.array_equal(pixels(zero, "a sks"), base)
-    full = sdlab.load(str(model), device="cpu")
-    personalize.apply_personalization(full, loras=[f"{out}:1.5"])
-    result = full.generate("a sks", seed=3)[0]
+    pipe = sdlab.load(str(model), device="cpu")
+    base = pixels(pipe, "a sks")
+    personalize.apply_personalization(pipe, loras=[f"{out}:0"])
+    assert np.array_equal(pixels(pipe, "a sks"), base)
+    personalize.apply_personalization(pipe, loras=[f"{out}:1.5"])
+    result = pipe.generate("a sks", seed=3)[0]
     assert np.abs(result.pixels - base).max() > 1e-4
-    assert 'Lora: "out:1.5"' in result.params.infotext()
+    assert 'Lora: "out:0, out:1.5"' in result.params.infotext()
 
 
 def _fused_by_diffusers(model, lora_file, weight):
@@ -178,11 +177,7 @@ def _fused_by_diffusers(model, lora_file, weight):
     sd = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     sd.load_lora_weights(str(lora_file))
     sd.fuse_lora(lora_scale=weight)
-    return sd.unet.state_dict()
-
-
-def _base_layer(key: str) -> str:
-    return key.replace(".base_layer", "")
+    return {k.replace(".base_layer", ""): v for k, v in sd.unet.state_dict().items() if "lora_" not in k}
 
 
 def test_kohya_lora_loads_as_diffusers_fuses_it(model, tmp_path):
@@ -206,7 +201,10 @@ def test_kohya_lora_loads_as_diffusers_fuses_it(model, tmp_path):
     for module, name in [(unet, q), (unet, k), (te, te_q)]:
         assert torch.allclose(module.get_submodule(name).weight, expected[(id(module), name)], atol=1e-6)
 
-    theirs = _fused_by_diffusers(model, tmp_path / "kohya.safetensors", 0.8)
+    # diffusers 0.42 cannot read kohya text-encoder keys: compare the UNet part only
+    save_file({k: v for k, v in state.items() if k.startswith("lora_unet_")},
+              str(tmp_path / "kohya-unet.safetensors"))
+    theirs = _fused_by_diffusers(model, tmp_path / "kohya-unet.safetensors", 0.8)
     for key, value in unet.state_dict().items():
         assert torch.allclose(value, theirs[key], atol=1e-5), key
 
@@ -237,7 +235,7 @@ def test_class_images_are_generated_once_and_cached(lora_run):
 
 def test_dreambooth_writes_a_loadable_model(model, images, tmp_path):
     out = tmp_path / "dog-model"
-    cfg = DreamboothConfig(**common(model, images, out, steps=2, lr=1e-3),
+    cfg = DreamboothConfig(**common(model, images, out, steps=1, lr=1e-3),
                            instance_prompt="a sks", train_text_encoder=True)
     assert train_dreambooth(cfg) == out
     tuned = sdlab.load(str(out), device="cpu")
@@ -282,3 +280,16 @@ def test_bad_image_folders_are_one_line_errors(model, tmp_path, capsys):
                      "--token", "<q>", "--init-token", "cat", "--out", str(tmp_path / "q.safetensors")])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_cli_generate_loads_embedding_and_lora(model, ti_run, lora_run, tmp_path):
+    from sdlab.cli import main
+    from sdlab.images import parse_infotext, read_infotext
+    _, embedding = ti_run
+    _, lora = lora_run
+    code = main(["generate", "a <x> sks", "--model", str(model), "--embedding", str(embedding),
+                 "--lora", f"{lora}:0.5", "--seed", "1", "--out", str(tmp_path)])
+    assert code == 0
+    [png] = tmp_path.glob("*.png")
+    info = parse_infotext(read_infotext(png))
+    assert info["Lora"] == "out:0.5" and info["TI hashes"].startswith("<x>: ")

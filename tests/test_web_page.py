@@ -15,7 +15,7 @@ from test_server import LiveServer, make_app, one_torch_thread  # noqa: F401 (au
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 30_000
+TIMEOUT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,11 @@ def browser():
                     "(apt-get install -y chromium), or SDLAB_NO_BROWSER=1 to skip it",
                     pytrace=False)
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
     except ImportError:
         pytest.fail("the playwright package is not installed (pip install playwright; "
                     "no `playwright install` needed)", pytrace=False)
+    expect.set_options(timeout=TIMEOUT_MS)  # generous: CI machines can be busy
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser
@@ -69,7 +70,7 @@ def generate(page, prompt: str, *, steps: int = 2, seed: int | None = None) -> N
     page.click("#generate")
 
 
-def test_generate_shows_image_with_parameters_then_img2img(server, page, tiny_pipe):
+def test_generate_shows_image_with_parameters_then_img2img(browser, server, page, tiny_pipe):
     from playwright.sync_api import expect
     page.goto(server.url + "/")
     expect(page.locator("#status")).to_have_text("ready")
@@ -96,7 +97,7 @@ def test_generate_shows_image_with_parameters_then_img2img(server, page, tiny_pi
     assert page.console_errors == []
 
 
-def test_progress_bar_and_interrupt(server, page):
+def test_progress_bar_and_interrupt(browser, server, page):
     from playwright.sync_api import expect
     page.goto(server.url + "/")
     expect(page.locator("#status")).to_have_text("ready")
@@ -110,7 +111,7 @@ def test_progress_bar_and_interrupt(server, page):
     expect(page.locator("#status")).to_contain_text("interrupted")
 
 
-def test_page_with_api_key(keyed_server, page):
+def test_page_with_api_key(browser, keyed_server, page):
     from playwright.sync_api import expect
     page.goto(keyed_server.url + "/")
     expect(page.locator("#status")).to_contain_text("API key needed")

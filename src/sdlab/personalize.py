@@ -82,7 +82,8 @@ def read_tensors(path: Path) -> tuple[dict, dict[str, str]]:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except Exception as e:  # safetensors and torch raise many kinds on a bad file
-        raise ModelLoadError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelLoadError(f"cannot read {path}: {first_line}") from e
 
 
 # -------------------------------------------------------------------------------- embeddings
@@ -184,6 +185,8 @@ class ExpandingTokenizer:
         return len(self._tokenizer)
 
     def __getattr__(self, name: str):
+        if name == "_tokenizer":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self._tokenizer, name)
 
 
@@ -243,8 +246,10 @@ class LoraLayer:
 
 
 _ROLES = [
-    (re.compile(r"^(?P<m>.+)\.(?:lora_down|lora\.down|lora_linear_layer\.down|lora_A(?:\.[^.]+)?)\.weight$"), "down"),
-    (re.compile(r"^(?P<m>.+)\.(?:lora_up|lora\.up|lora_linear_layer\.up|lora_B(?:\.[^.]+)?)\.weight$"), "up"),
+    (re.compile(r"^(?P<m>.+)\.(?:lora_down|lora\.down|lora_linear_layer\.down|lora_A(?:\.[^.]+)?)"
+                r"\.weight$"), "down"),
+    (re.compile(r"^(?P<m>.+)\.(?:lora_up|lora\.up|lora_linear_layer\.up|lora_B(?:\.[^.]+)?)"
+                r"\.weight$"), "up"),
     (re.compile(r"^(?P<m>.+)_lora\.down\.weight$"), "down"),  # old diffusers attention processors
     (re.compile(r"^(?P<m>.+)_lora\.up\.weight$"), "up"),
     (re.compile(r"^(?P<m>.+)\.alpha$"), "alpha"),
@@ -379,7 +384,8 @@ def _add_extra(pipe, key: str, value: str) -> None:
     extras[key] = f"{extras[key]}, {value}" if extras.get(key) else value
 
 
-def apply_personalization(pipe, embeddings: list[str] | tuple = (), loras: list[str] | tuple = ()) -> None:
+def apply_personalization(pipe, embeddings: list[str] | tuple = (),
+                          loras: list[str] | tuple = ()) -> None:
     """Load textual-inversion embeddings (`FILE[:TOKEN]`) and fuse LoRAs (`FILE[:WEIGHT]`)."""
     for spec in embeddings:
         load_embedding(pipe, spec)

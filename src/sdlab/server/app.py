@@ -6,6 +6,7 @@ input is a 422 whose `message` names the field; an sdlab error from the pipeline
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -103,36 +104,38 @@ class Api:
         ]
         for path, handler, method, model in routes:
             app.add_api_route(API + path, handler, methods=[method], response_model=model,
-                              summary=(handler.__doc__ or "").strip().splitlines()[0] or None)
+                              summary=(handler.__doc__ or "").strip().split("\n")[0] or None)
 
     # --- generation -------------------------------------------------------------------------
 
     async def txt2img(self, req: Txt2ImgRequest) -> dict:
         """Text to image (A1111 fields; unset sizes/steps/cfg use the model's defaults)."""
-        job = self._job(req, "txt2img", partial(_run_txt2img, req, self._sampler(req)))
+        sampler, model = self._validate(req)
+        job = self._job(req, "txt2img", model, partial(_run_txt2img, req, sampler))
         results = await self._await(job)
         return await run_in_threadpool(image_response, req, results)
 
     async def img2img(self, req: Img2ImgRequest) -> dict:
         """Image to image from base64 init_images (raw or data: URLs)."""
-        sampler = self._sampler(req)
+        sampler, model = self._validate(req)
         inits = await run_in_threadpool(self._decode_inits, req)
-        job = self._job(req, "img2img", partial(_run_img2img, req, sampler, inits))
+        job = self._job(req, "img2img", model, partial(_run_img2img, req, sampler, inits))
         results = await self._await(job)
         return await run_in_threadpool(image_response, req, results)
 
-    def _job(self, req: GenerationRequest, label: str, task) -> Job:
+    def _validate(self, req: GenerationRequest) -> tuple[str | None, str | None]:
+        """The checks pydantic cannot make; returns (sampler, model override)."""
         self._check_limits(req)
-        model = self._override_model(req)
+        return self._sampler(req), self._override_model(req)
+
+    @staticmethod
+    def _job(req: GenerationRequest, label: str, model: str | None, task) -> Job:
         return Job(task, label=label, model=model, batches=req.n_iter,
                    keep_model=model is not None and not req.override_settings_restore_afterwards)
 
     async def _await(self, job: Job) -> Any:
-        import asyncio
-        try:
-            return await asyncio.wrap_future(self.worker.submit(job))
-        except QueueFull as e:
-            raise ServiceBusy(str(e)) from e
+        """Queue the job and wait for it without holding the event loop."""
+        return await asyncio.wrap_future(self.worker.submit(job))
 
     def _check_limits(self, req: GenerationRequest) -> None:
         lim, defaults = self.limits, self.worker.pipeline.components.defaults
@@ -361,10 +364,6 @@ def decode_image(text: str, loc: tuple, max_pixels: int, rgb: bool = True) -> Im
 
 # --- errors -----------------------------------------------------------------------------------
 
-class ServiceBusy(Exception):
-    pass
-
-
 def field_error(loc: str | tuple, msg: str, value: Any = None) -> RequestValidationError:
     """A 422 in FastAPI's own format, for checks pydantic cannot make (limits, models)."""
     loc = (loc,) if isinstance(loc, str) else tuple(loc)
@@ -402,7 +401,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": type(exc).__name__, "message": str(exc),
                              "detail": str(exc)}, status_code=422)
 
-    async def busy(request: Request, exc: ServiceBusy) -> JSONResponse:
+    async def busy(request: Request, exc: QueueFull) -> JSONResponse:
         return JSONResponse({"error": "Busy", "message": f"server busy: {exc}",
                              "detail": str(exc)}, status_code=503)
 
@@ -413,7 +412,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(ValueError, value_error)  # SdlabError is one
-    app.add_exception_handler(ServiceBusy, busy)
+    app.add_exception_handler(QueueFull, busy)
     app.add_exception_handler(Exception, failure)
 
 

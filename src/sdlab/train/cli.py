@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     base.add_argument("--out", default=None, help="run folder (overrides the config's out_dir)")
     base.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     base.add_argument("--stages", nargs="+", default=None,
-                      choices=["data", "vae", "latents", "unet", "export"])
+                      choices=["data", "vae", "latents", "decoder", "unet", "export"])
     base.set_defaults(func=cmd_train_base)
 
     for register in _personalisation_registrars():

@@ -57,6 +57,16 @@ def load_image(path: Path, size: int) -> Image.Image:
     return prepare_init_image(image, size, size)
 
 
+def check_readable(paths: list[Path]) -> None:
+    """InputError naming the first file PIL cannot decode (cheap; before a model loads)."""
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise InputError(f"cannot read training image {path}: {e}") from e
+
+
 def read_caption(image_path: Path) -> str | None:
     caption_file = image_path.with_suffix(CAPTION_SUFFIX)
     if not caption_file.is_file():

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,6 +50,7 @@ class DistillConfig:
     out_dir: str = "runs/distill"
     batch_size: int = 32
     lr: float = 1e-4
+    warmup_steps: int = 20
     w_min: float = 1.0
     w_max: float = 8.0
     default_guidance: float | None = None  # None: the teacher's default, clipped to the range
@@ -277,7 +277,9 @@ def make_guidance_student(teacher_unet, cond_dim: int):
         if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
             raise RuntimeError(f"student/teacher mismatch: missing {missing}, unexpected {unexpected}")
         torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
-        student.to(teacher_unet.device, teacher_unet.dtype)
+        student.to(teacher_unet.device)
+        if student.dtype != teacher_unet.dtype:
+            student.type(teacher_unet.dtype)  # not .to(dtype): diffusers warns on every cast
     return student.train().requires_grad_(True)
 
 
@@ -377,14 +379,46 @@ def build_pool(cfg: DistillConfig, teacher) -> Pool:
 
 
 def load_or_build_pool(cfg: DistillConfig, teacher, out: Path) -> Pool:
+    """The run's pool, built once (by the main process first, when there are several)."""
+    from accelerate import PartialState
     path = out / POOL_FILE
-    if path.exists():
-        return Pool.from_state(torch.load(path, weights_only=False))
-    pool = build_pool(cfg, teacher)
-    tmp = path.with_suffix(".tmp")
-    torch.save(pool.state(), tmp)
-    tmp.replace(path)
-    return pool
+    with PartialState().main_process_first():
+        if path.exists():
+            return Pool.from_state(torch.load(path, weights_only=False))
+        pool = build_pool(cfg, teacher)
+        tmp = path.with_suffix(".tmp")
+        torch.save(pool.state(), tmp)
+        tmp.replace(path)
+        return pool
+
+
+class CaptionEmbeddings:
+    """Prompt embeddings exactly as the Pipeline computes them (each 77-token chunk encoded on its
+    own, shorter prompts padded with the empty chunk), memoised per caption: the Shapes grammar
+    has only a few thousand captions, and encoding is a good part of a small model's step."""
+
+    def __init__(self, encoder, max_bytes: int = 512 * 2**20):
+        self.encoder, self.max_bytes, self.bytes = encoder, max_bytes, 0
+        self.cache: dict[str, Tensor] = {}
+        self.empty_chunk = encoder.encode([""])[0].clone()  # clone: a normal tensor, not inference
+
+    def __call__(self, captions: list[str]) -> Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        fresh = {}
+        if missing:
+            for caption, emb in zip(missing, self.encoder.encode(missing)):
+                chunks = len(self.encoder.tokenize(caption).ids)
+                fresh[caption] = emb[: chunks * self.encoder.window].clone()
+            if self.bytes < self.max_bytes:
+                self.cache.update(fresh)
+                self.bytes += sum(e.numel() * e.element_size() for e in fresh.values())
+        embs = [self.cache[c] if c in self.cache else fresh[c] for c in captions]
+        length = max(len(e) for e in embs)
+        return torch.stack([self.pad(e, length) for e in embs])
+
+    def pad(self, emb: Tensor, length: int) -> Tensor:
+        extra = (length - len(emb)) // len(self.empty_chunk)
+        return torch.cat([emb] + [self.empty_chunk] * extra)
 
 
 @dataclass
@@ -395,19 +429,17 @@ class Batch:
     w: Tensor
 
 
-def batches(pool: Pool, encoder, cfg: DistillConfig, seed: int, device) -> Iterator[Batch]:
-    """Endless batches: latents, their prompts' embeddings (encoded as the Pipeline encodes
-    them), the empty prompt's, and a guidance scale per sample, w ~ U[w_min, w_max]."""
+def batches(pool: Pool, embed: CaptionEmbeddings, cfg: DistillConfig, seed: int,
+            device) -> Iterator[Batch]:
+    """Endless batches: latents, their prompts' embeddings, the empty prompt's (as long), and a
+    guidance scale per sample, w ~ U[w_min, w_max]."""
     rng = random.Random(seed)
-    empty = encoder.encode([""]).clone()  # clone: out of inference mode, usable in autograd
     while True:
         idx, captions = pool.draw(rng, cfg.batch_size, cfg.caption_keep)
-        cond = encoder.encode(captions).clone()
-        uncond = (empty if cond.shape[1] == empty.shape[1]
-                  else encoder.encode([""], min_chunks=cond.shape[1] // encoder.window).clone())
+        cond = embed(captions)
+        uncond = embed.pad(embed.empty_chunk, cond.shape[1]).expand(len(idx), -1, -1)
         w = torch.tensor([rng.uniform(cfg.w_min, cfg.w_max) for _ in idx])
-        yield Batch(pool.latents[idx].to(device), cond.to(device),
-                    uncond.expand(len(idx), -1, -1).to(device), w.to(device))
+        yield Batch(pool.latents[idx].to(device), cond.to(device), uncond.to(device), w.to(device))
 
 
 # --- losses ---------------------------------------------------------------------------------
@@ -520,11 +552,12 @@ def train_phase(cfg: DistillConfig, phase: Phase, student, teacher, pool: Pool,
         if target is not None:
             ema_update(target, accelerator.unwrap_model(student), target_decay)
 
-    encoder = PromptEncoder(teacher.tokenizer, teacher.text_encoder)
-    data = batches(pool, encoder, cfg, cfg.seed * 1000 + accelerator.process_index,
+    embed = CaptionEmbeddings(PromptEncoder(teacher.tokenizer, teacher.text_encoder))
+    data = batches(pool, embed, cfg, cfg.seed * 1000 + accelerator.process_index,
                    accelerator.device)
     config = loop.LoopConfig(steps=phase.steps, out_dir=Path(cfg.out_dir) / TRAIN_DIR / phase.name,
-                             lr=cfg.lr, checkpoint_minutes=cfg.checkpoint_minutes,
+                             lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                             checkpoint_minutes=cfg.checkpoint_minutes,
                              log_every=cfg.log_every, desc=f"distill {phase.name}", resume=resume)
     loop.run(config, accelerator, params, data, make_loss(student), loop.Hooks(after_step=after_step))
     trained = copy.deepcopy(accelerator.unwrap_model(student)).eval().requires_grad_(False)
@@ -555,7 +588,7 @@ def export_student(teacher, unet, dest: Path, *, defaults: dict, notes: dict,
         elif part in ("vae", "text_encoder", "tokenizer"):
             getattr(teacher, part).save_pretrained(tmp / part)
     dtype = torch.float16 if save_dtype == "fp16" else torch.float32
-    copy.deepcopy(unet).to("cpu", dtype).save_pretrained(tmp / "unet")
+    copy.deepcopy(unet).cpu().type(dtype).save_pretrained(tmp / "unet")
     (tmp / "scheduler").mkdir()
     sched = {**teacher.scheduler_config, **(scheduler_extra or {})}
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=1))

@@ -84,7 +84,8 @@ class DreamboothConfig(TrainConfig):
 def cache_root(cfg: DreamboothConfig) -> Path:
     if cfg.class_data_dir:
         return Path(cfg.class_data_dir)
-    base = os.environ.get("SDLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdlab"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    base = os.environ.get("SDLAB_CACHE") or xdg / "sdlab"
     return Path(base) / "class-images"
 
 
@@ -114,7 +115,7 @@ def ensure_class_images(s: Session, cfg: DreamboothConfig) -> Path:
 
         from sdlab.images import save_png
         folder.mkdir(parents=True, exist_ok=True)
-        batch = max(1, cfg.batch_size)
+        batch = max(4, cfg.batch_size)
         for start in tqdm(range(0, n, batch), desc="class images", dynamic_ncols=True):
             with s.accelerator.autocast():
                 results = s.pipe.generate(cfg.class_prompt, seed=cfg.seed + start,
@@ -223,7 +224,8 @@ def save_lora(s: Session, cfg: DreamboothConfig, out: Path) -> Path:
     from peft.utils import get_peft_model_state_dict
     dtype = SAVE_DTYPES[cfg.save_dtype]
     c = s.components
-    layers = {"unet_lora_layers": _cast(convert_state_dict_to_diffusers(get_peft_model_state_dict(c.unet)), dtype)}
+    unet_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(c.unet))
+    layers = {"unet_lora_layers": _cast(unet_state, dtype)}
     meta = {"unet_lora_adapter_metadata": {"r": cfg.rank, "lora_alpha": cfg.rank,
                                            "target_modules": UNET_LORA_TARGETS}}
     if cfg.train_text_encoder:
@@ -246,7 +248,7 @@ def export_model_folder(s: Session, cfg: DreamboothConfig, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     trained = {"unet": c.unet, "text_encoder": c.text_encoder if cfg.train_text_encoder else None}
     if source.is_dir():
-        _copy_parts(source, out, skip={name for name, m in trained.items() if m is not None} | {"sdlab.json"})
+        _copy_parts(source, out, skip={name for name, m in trained.items() if m is not None})
     else:
         _write_parts_from_components(s, out)
         trained["text_encoder"] = c.text_encoder

@@ -9,8 +9,11 @@ Defaults depend on the model's size, read from its resolution (the model's defau
   dreambooth --lora   300 steps, lr 1e-3, batch 8 (+8 class)          500 steps, lr 1e-4, batch 1
   class images        64                                              100
 
-The real-model column is the usual one (diffusers' examples); the small column keeps each recipe
-under 10 minutes on 2 CPU cores for the 64x64 model (see the recipes' docstrings for timings).
+The real-model column is the usual one (diffusers' examples). The small column keeps each recipe
+well under 10 minutes on 2 CPU cores for the 64x64 model: the base recipe's UNet + text encoder
+steps cost about 12 ms per image there, so 400 x 16 or 300 x 16 images are 1-2 minutes, plus
+model loading and, for prior preservation, generating 64 class images once (estimates;
+scripts/measure_personalization.py records the real training wall times).
 `--resolution` defaults to the model's own; `--mixed-precision fp16|bf16` and
 `--gradient-checkpointing` are for GPUs. Frozen models run in the mixed-precision dtype, trained
 weights stay fp32 (accelerate autocasts), the VAE stays fp32 (it only encodes the training images
@@ -134,7 +137,7 @@ class Session:
         from sdlab.components import load, quiet_library_logs
         from sdlab.generate import Pipeline
         cfg.check()
-        data.list_images(cfg.images)  # an empty or missing folder fails before the model loads
+        data.check_readable(data.list_images(cfg.images))  # bad images fail before the model loads
         quiet_library_logs()
         self.cfg, self.recipe, self.out_dir = cfg, recipe, Path(out_dir)
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)

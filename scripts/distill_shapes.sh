@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Produce the embedded few-step model `shapes-fast` from the trained `shapes` model, and the LCM
+# student it is compared with. Run from anywhere; rerunning continues where it stopped (finished
+# phases are skipped, an interrupted one resumes from its last checkpoint).
+#
+# Budget: about 25 minutes on 2 CPU cores. The embedded UNet (5.8M params, 8x8x4 latents) takes
+# ~0.5 s for a forward+backward at batch 64, so ~0.25-0.3 s at batch 32, a forward ~1/3 of that.
+# Per training step at batch 32 (student forward+backward plus teacher forwards):
+#   guidance distillation  teacher CFG (one forward of 2x32) + student   ~0.45 s
+#   progressive round      two teacher DDIM steps (2 forwards) + student  ~0.45 s
+#   LCM                    teacher CFG + EMA-target forward + student     ~0.55 s
+#   guided: 500 + 2 x 450 steps = 1400 steps  ~11 min
+#   LCM:    900 steps                         ~8-9 min
+#   + the training pool (2048 rendered scenes through the VAE, ~1 min, built once, shared)
+#   + exports, checkpoints                    ~1 min
+# Then measure_distill.py (not in the training budget): ~5 min for 200 prompts per row.
+#
+# Environment overrides: SDLAB (the sdlab command), PYTHON, TEACHER (default: the embedded
+# `shapes`; runs/shapes/model works too), OUT (default runs/distill), INSTALL=0 to not install
+# the student as src/sdlab/models/shapes-fast, FAST=lcm to install the LCM student instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SDLAB=${SDLAB:-.venv/bin/sdlab}
+PYTHON=${PYTHON:-.venv/bin/python}
+TEACHER=${TEACHER:-shapes}
+OUT=${OUT:-runs/distill}
+INSTALL=${INSTALL:-1}
+FAST=${FAST:-guided}
+
+# 1. Guided distillation (Meng et al. 2022): stage 1 learns CFG at w in [1, 8] in one pass; then
+#    progressive distillation 16 -> 8 -> 4 DDIM steps. Fewer, longer rounds than 32 -> 4 on this
+#    budget: each round's error compounds, and the stage-1 model is already good at 16 steps.
+"$SDLAB" distill guided --model "$TEACHER" --out "$OUT/guided" --resume \
+    --w-min 1 --w-max 8 --start-steps 16 --end-steps 4 \
+    --stage1-steps 500 --steps-per-round 450 --batch-size 32 --lr 1e-4 \
+    --name shapes-fast
+
+# 2. LCM (Luo et al. 2023) on the same teacher, guidance range and training latents; 4 steps.
+mkdir -p "$OUT/lcm"
+[ -e "$OUT/lcm/pool.pt" ] || cp "$OUT/guided/pool.pt" "$OUT/lcm/pool.pt"
+"$SDLAB" distill lcm --model "$TEACHER" --out "$OUT/lcm" --resume \
+    --w-min 1 --w-max 8 --steps 900 --batch-size 32 --lr 2e-4 \
+    --solver-steps 50 --target-decay 0.95 --loss huber --default-steps 4 \
+    --name shapes-fast-lcm
+
+# 3. Install the chosen student as the embedded `shapes-fast` (fp16, its sdlab.json picks
+#    the sampler, 4 steps and the guidance scale).
+if [ "$INSTALL" = 1 ]; then
+    case "$FAST" in
+        guided) SRC="$OUT/guided/round_4" ;;
+        lcm) SRC="$OUT/lcm/model" ;;
+        *) echo "FAST must be guided or lcm" >&2; exit 2 ;;
+    esac
+    rm -rf src/sdlab/models/shapes-fast
+    mkdir -p src/sdlab/models
+    cp -r "$SRC" src/sdlab/models/shapes-fast
+    # the embedded model answers to its own name, whichever student it is
+    "$PYTHON" - <<'EOF'
+import json, pathlib
+meta_file = pathlib.Path("src/sdlab/models/shapes-fast/sdlab.json")
+meta = json.loads(meta_file.read_text())
+meta["name"] = "shapes-fast"
+meta_file.write_text(json.dumps(meta, indent=2))
+EOF
+    echo "installed $SRC as src/sdlab/models/shapes-fast"
+fi
+
+# 4. Compare (teacher DDIM 1/2/4/8/50 and DPM++ 2M, guided rounds, LCM, w = 1 vs default w).
+"$PYTHON" scripts/measure_distill.py --teacher "$TEACHER" --guided "$OUT/guided" \
+    --lcm "$OUT/lcm/model" --n "${N:-200}" --out "$OUT/report"
