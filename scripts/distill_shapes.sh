@@ -3,21 +3,23 @@
 # student it is compared with. Run from anywhere; rerunning continues where it stopped (finished
 # phases are skipped, an interrupted one resumes from its last checkpoint).
 #
-# Budget: about 25 minutes on 2 CPU cores. The embedded UNet (5.8M params, 8x8x4 latents) takes
-# ~0.5 s for a forward+backward at batch 64, so ~0.25-0.3 s at batch 32, a forward ~1/3 of that.
-# Per training step at batch 32 (student forward+backward plus teacher forwards):
-#   guidance distillation  teacher CFG (one forward of 2x32) + student   ~0.45 s
-#   progressive round      two teacher DDIM steps (2 forwards) + student  ~0.45 s
-#   LCM                    teacher CFG + EMA-target forward + student     ~0.55 s
-#   guided: 500 + 2 x 450 steps = 1400 steps  ~11 min
-#   LCM:    900 steps                         ~8-9 min
-#   + the training pool (2048 rendered scenes through the VAE, ~1 min, built once, shared)
-#   + exports, checkpoints                    ~1 min
+# Budget: about 22 of the 25 minutes on 2 idle CPU cores. Measured per training step at batch 32
+# on the embedded architecture (5.8M-param UNet, 8x8x4 latents), single-thread CPU seconds, and
+# the expected wall time on 2 cores (~1.8x faster; a forward+backward at batch 64: 0.9 s -> 0.5 s):
+#   guidance distillation  teacher CFG (one forward of 2x32) + student    0.83 s -> ~0.46 s
+#   progressive round      two teacher DDIM steps (2 forwards) + student   0.89 s -> ~0.49 s
+#   LCM                    teacher CFG + EMA-target forward + student      1.05 s -> ~0.58 s
+#   guided: 500 + 2 x 450 steps                ~11 min
+#   LCM:    1000 steps                         ~10 min
+#   + the training pool (2048 rendered scenes through the VAE, ~15 s, built once, shared)
+#   + loading, exports, checkpoints            <1 min
 # Then measure_distill.py (not in the training budget): ~5 min for 200 prompts per row.
+# On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids thread-barrier stalls.
 #
 # Environment overrides: SDLAB (the sdlab command), PYTHON, TEACHER (default: the embedded
 # `shapes`; runs/shapes/model works too), OUT (default runs/distill), INSTALL=0 to not install
-# the student as src/sdlab/models/shapes-fast, FAST=lcm to install the LCM student instead.
+# the student as src/sdlab/models/shapes-fast, FAST=lcm to install the LCM student instead,
+# N (prompts per row of the report, default 200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SDLAB=${SDLAB:-.venv/bin/sdlab}
@@ -28,8 +30,9 @@ INSTALL=${INSTALL:-1}
 FAST=${FAST:-guided}
 
 # 1. Guided distillation (Meng et al. 2022): stage 1 learns CFG at w in [1, 8] in one pass; then
-#    progressive distillation 16 -> 8 -> 4 DDIM steps. Fewer, longer rounds than 32 -> 4 on this
-#    budget: each round's error compounds, and the stage-1 model is already good at 16 steps.
+#    progressive distillation 16 -> 8 -> 4 DDIM steps. Two longer rounds rather than three short
+#    ones (32 -> 4) on this budget, as each round's error compounds; the report shows what the
+#    stage-1 model loses at 16 DDIM steps against the teacher at 50.
 "$SDLAB" distill guided --model "$TEACHER" --out "$OUT/guided" --resume \
     --w-min 1 --w-max 8 --start-steps 16 --end-steps 4 \
     --stage1-steps 500 --steps-per-round 450 --batch-size 32 --lr 1e-4 \
@@ -39,7 +42,7 @@ FAST=${FAST:-guided}
 mkdir -p "$OUT/lcm"
 [ -e "$OUT/lcm/pool.pt" ] || cp "$OUT/guided/pool.pt" "$OUT/lcm/pool.pt"
 "$SDLAB" distill lcm --model "$TEACHER" --out "$OUT/lcm" --resume \
-    --w-min 1 --w-max 8 --steps 900 --batch-size 32 --lr 2e-4 \
+    --w-min 1 --w-max 8 --steps 1000 --batch-size 32 --lr 2e-4 \
     --solver-steps 50 --target-decay 0.95 --loss huber --default-steps 4 \
     --name shapes-fast-lcm
 

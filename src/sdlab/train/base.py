@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdlab.errors import InputError
 from sdlab.shapes.world import Scene, random_caption, render, sample_scene
 from sdlab.train import loop
 
@@ -61,7 +62,7 @@ class BaseConfig:
     # defaults written into the model for `sdlab generate`
     default_sampler: str = "dpm++_2m"
     default_steps: int = 20
-    default_guidance_scale: float = 5.0
+    default_guidance_scale: float = 3.0
     name: str = "shapes"
     stages: tuple[str, ...] = ("data", "vae", "latents", "decoder", "unet", "export")
 
@@ -72,7 +73,7 @@ class BaseConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+            raise InputError(f"unknown config keys: {', '.join(sorted(unknown))}")
         for f in fields(cls):
             if f.name in raw and isinstance(getattr(cls, f.name, None), tuple):
                 raw[f.name] = tuple(raw[f.name])

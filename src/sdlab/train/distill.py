@@ -92,17 +92,11 @@ class GuidedConfig(DistillConfig):
 
     def round_steps(self) -> list[int]:
         """Student step counts of the rounds: start/2, start/4, ..., end."""
-        rounds, n = [], self.start_steps
-        while n > self.end_steps:
-            if n % 2:
-                raise ValueError(f"start steps {self.start_steps} is not end steps "
-                                 f"{self.end_steps} times a power of two")
-            n //= 2
-            rounds.append(n)
-        if n != self.end_steps:
-            raise ValueError(f"start steps {self.start_steps} is not end steps {self.end_steps} "
-                             "times a power of two")
-        return rounds
+        ratio = self.start_steps // self.end_steps
+        if self.start_steps % self.end_steps or ratio & (ratio - 1):
+            raise ValueError(f"start steps {self.start_steps} is not end steps "
+                             f"{self.end_steps} times a power of two")
+        return [self.start_steps >> k for k in range(1, ratio.bit_length())]
 
     def validate(self) -> None:
         super().validate()
@@ -532,8 +526,9 @@ class Phase:
 def train_phase(cfg: DistillConfig, phase: Phase, student, teacher, pool: Pool,
                 make_loss: Callable[[torch.nn.Module], LossFn], resume: bool,
                 target: torch.nn.Module | None = None, target_decay: float = 0.0):
-    """Train `student` on the shared loop; returns the weights to export (the EMA when on).
-    A target network (LCM) is checkpointed with the rest and follows the student by EMA."""
+    """Train `student` on the shared loop; returns the weights to export (the EMA when on) and
+    the accelerator. A target network (LCM) is checkpointed with the rest and follows the
+    student by EMA after every step."""
     from accelerate import Accelerator
 
     from sdlab.prompts import PromptEncoder

@@ -1,0 +1,80 @@
+"""The base recipe end to end at toy size: single process with --resume, and two processes
+under `accelerate launch`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sdlab
+from sdlab.tokenizer import write_clip_tokenizer_files
+
+TINY = {"num_images": 48, "vae_channels": [16, 16], "vae_steps": 3, "vae_batch": 4,
+        "decoder_steps": 2, "text_hidden": 32, "text_layers": 1, "text_heads": 2,
+        "unet_channels": [32, 32], "unet_steps": 3, "unet_batch": 4, "checkpoint_minutes": 100}
+
+
+def _config(tmp_path: Path, **extra) -> Path:
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({**TINY, "out_dir": str(tmp_path / "run"), **extra}))
+    return path
+
+
+def _sdlab(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = (launcher or [sys.executable, "-m"]) + ["sdlab.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+
+
+def test_train_base_writes_a_loadable_model_and_resumes(tmp_path):
+    cfg = _config(tmp_path)
+    r = _sdlab("train", "base", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = tmp_path / "run" / "model"
+    assert (model / "model_index.json").exists()
+    pipe = sdlab.load(str(model), device="cpu")
+    assert pipe.components.prediction_type == "v_prediction"
+    assert pipe.components.defaults.width == 64
+    [result] = pipe.generate("a red circle", seed=0, steps=2)
+    assert result.image.size == (64, 64)
+    losses = (tmp_path / "run" / "unet_run" / "loss.jsonl").read_text().splitlines()
+    assert json.loads(losses[-1])["step"] == 3
+    # resume: a longer run continues from the saved step instead of starting over
+    cfg2 = _config(tmp_path, unet_steps=5, stages=["unet"])
+    (tmp_path / "run" / "unet_ema" / "unet" / "config.json").unlink()
+    r = _sdlab("train", "base", "--config", str(cfg2), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout + r.stderr
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "run" / "unet_run" / "loss.jsonl").read_text().splitlines()]
+    assert steps[-1] == 5 and steps.count(3) == 1
+
+
+def test_two_processes_under_accelerate(tmp_path):
+    cfg = _config(tmp_path, stages=["data", "vae"])
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                "--cpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "-m"]
+    r = _sdlab("train", "base", "--config", str(cfg), launcher=launcher)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "vae" / "config.json").exists()
+
+
+def test_clip_tokenizer_handles_any_text(tmp_path):
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(tmp_path / "tok"))
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    for text in ["a yellow sks", "<my-token> on a zqxj background", "ünïcödé 😀"]:
+        ids = tok(text).input_ids
+        assert ids[0] == 49406 and ids[-1] == 49407 and len(ids) > 3
+
+
+def test_bad_config_is_a_one_line_error(tmp_path):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"unet_stepz": 3}))
+    r = _sdlab("train", "base", "--config", str(cfg))
+    assert r.returncode == 2 and "unknown config keys: unet_stepz" in r.stderr
