@@ -55,6 +55,7 @@ class DistillConfig:
     w_max: float = 8.0
     default_guidance: float | None = None  # None: the teacher's default, clipped to the range
     cond_dim: int = 256  # width of the guidance embedding (the UNet's time_cond_proj_dim)
+    cond_lr_scale: float = 10.0  # lr multiplier of the new, zero-initialised guidance projection
     prompts_file: str | None = None  # generic models: one prompt a line
     images: str | None = None  # generic models: start points for noising (else teacher samples)
     pool_size: int = 2048  # clean latents held for noising (Shapes scenes / images / samples)
@@ -137,7 +138,7 @@ class Schedule:
         self.final_alpha_bar = torch.as_tensor(ddim.final_alpha_cumprod).float().to(device)
 
     def alpha_bar(self, t: Tensor) -> Tensor:
-        """alpha_bar per sample, shaped (B, 1, 1, 1); t < 0 means past the end (DDIM's final alpha)."""
+        """alpha_bar per sample as (B, 1, 1, 1); t < 0 is past the end (DDIM's final alpha)."""
         ab = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], self.final_alpha_bar)
         return ab.view(-1, 1, 1, 1)
 
@@ -269,7 +270,8 @@ def make_guidance_student(teacher_unet, cond_dim: int):
         student = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": cond_dim})
         missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
         if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
-            raise RuntimeError(f"student/teacher mismatch: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(f"student/teacher mismatch: missing {missing}, "
+                               f"unexpected {unexpected}")
         torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
         student.to(teacher_unet.device)
         if student.dtype != teacher_unet.dtype:
@@ -521,6 +523,19 @@ class Phase:
     name: str
     steps: int
     ema_decay: float = 0.0
+    cond_lr_scale: float = 1.0  # lr multiplier of a freshly zero-initialised guidance projection
+
+
+def make_optimizer(student, lr: float, cond_lr_scale: float) -> torch.optim.Optimizer:
+    """AdamW as the loop makes it, with the guidance projection in its own group: it starts at
+    zero, and at the base rate it would take most of a short run to matter at all."""
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    new = [p for n, p in named if "time_embedding.cond_proj" in n]
+    rest = [p for n, p in named if "time_embedding.cond_proj" not in n]
+    groups = [{"params": rest, "lr": lr}]
+    if new:
+        groups.append({"params": new, "lr": lr * cond_lr_scale})
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2)
 
 
 def train_phase(cfg: DistillConfig, phase: Phase, student, teacher, pool: Pool,
@@ -536,6 +551,7 @@ def train_phase(cfg: DistillConfig, phase: Phase, student, teacher, pool: Pool,
     torch.manual_seed(cfg.seed)
     student = accelerator.prepare(student)
     params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = make_optimizer(student, cfg.lr, phase.cond_lr_scale)
     ema = loop.EMA(params, phase.ema_decay) if phase.ema_decay else None
     for state in (ema, target):
         if state is not None:
@@ -554,7 +570,8 @@ def train_phase(cfg: DistillConfig, phase: Phase, student, teacher, pool: Pool,
                              lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                              checkpoint_minutes=cfg.checkpoint_minutes,
                              log_every=cfg.log_every, desc=f"distill {phase.name}", resume=resume)
-    loop.run(config, accelerator, params, data, make_loss(student), loop.Hooks(after_step=after_step))
+    loop.run(config, accelerator, params, data, make_loss(student),
+             loop.Hooks(after_step=after_step), optimizer=optimizer)
     trained = copy.deepcopy(accelerator.unwrap_model(student)).eval().requires_grad_(False)
     if ema is not None:
         ema.copy_to(list(trained.parameters()))
@@ -564,7 +581,7 @@ def train_phase(cfg: DistillConfig, phase: Phase, student, teacher, pool: Pool,
 # --- model folders --------------------------------------------------------------------------
 
 def default_guidance(cfg: DistillConfig, teacher) -> float:
-    w = cfg.default_guidance if cfg.default_guidance is not None else teacher.defaults.guidance_scale
+    w = teacher.defaults.guidance_scale if cfg.default_guidance is None else cfg.default_guidance
     return float(min(max(w, cfg.w_min), cfg.w_max))
 
 
@@ -655,8 +672,8 @@ def distill_guided(cfg: GuidedConfig, resume: bool = False) -> Path:
     if not (folder / "sdlab.json").exists():
         student = make_guidance_student(teacher.unet, cfg.cond_dim)
         trained, acc = train_phase(
-            cfg, Phase("stage1", cfg.stage1_steps, cfg.ema_decay), student, teacher, pool,
-            lambda s: guidance_loss(s, teacher.unet, schedule), resume)
+            cfg, Phase("stage1", cfg.stage1_steps, cfg.ema_decay, cfg.cond_lr_scale), student,
+            teacher, pool, lambda s: guidance_loss(s, teacher.unet, schedule), resume)
         _finish(acc, teacher, trained, folder, save_dtype=cfg.save_dtype,
                 defaults={"sampler": "ddim", "steps": cfg.start_steps, "guidance_scale": w_default,
                           **_size_defaults(teacher)},
@@ -694,7 +711,7 @@ def distill_lcm(cfg: LCMConfig, resume: bool = False) -> Path:
     grid = consistency_grid(schedule.num_train_timesteps, cfg.solver_steps)
     boundary = BoundaryCondition(sched_config, schedule)
     trained, acc = train_phase(
-        cfg, Phase("lcm", cfg.steps), student, teacher, pool,
+        cfg, Phase("lcm", cfg.steps, cond_lr_scale=cfg.cond_lr_scale), student, teacher, pool,
         lambda s: consistency_loss(s, target, teacher.unet, schedule, grid, boundary, cfg),
         resume, target=target, target_decay=cfg.target_decay)
     _finish(acc, teacher, trained, folder, save_dtype=cfg.save_dtype,

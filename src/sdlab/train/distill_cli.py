@@ -54,6 +54,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="(1e-4)")
     p.add_argument("--cond-dim", type=int, default=None,
                    help="width of the guidance embedding input (256)")
+    p.add_argument("--cond-lr-scale", type=float, default=None,
+                   help="learning-rate multiplier of the new guidance projection (10)")
     p.add_argument("--prompts-file", default=None,
                    help="prompts, one a line (a generic model; default: Shapes captions)")
     p.add_argument("--images", default=None,
@@ -68,7 +70,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="the final student's model name")
 
 
-_COMMON = ("w_min", "w_max", "default_guidance", "batch_size", "lr", "cond_dim", "prompts_file",
+_COMMON = ("w_min", "w_max", "default_guidance", "batch_size", "lr", "cond_dim", "cond_lr_scale",
+           "prompts_file",
            "images", "pool_size", "seed", "checkpoint_minutes", "save_dtype", "name")
 
 
