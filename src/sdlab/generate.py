@@ -287,6 +287,10 @@ class Pipeline:
 
         cond, uncond = self._embeddings([r.prompt for r in batch],
                                         [r.negative_prompt for r in batch], s.guidance_scale)
+        if not samplers.resolve(s.sampler).stochastic:
+            # a deterministic step is per-element arithmetic: one scheduler serves the batch
+            # exactly as one per image would, without a Python loop per image and step
+            scheds, gens = scheds[:1], gens[:1]
         latents, x0_steps, stopped = self._denoise(latents, timesteps, scheds, gens, cond, uncond,
                                                    s.guidance_scale, counter, should_stop)
         final = x0_steps[-1] if stopped and x0_steps else latents
@@ -314,7 +318,8 @@ class Pipeline:
         for t in timesteps:
             if should_stop is not None and should_stop():
                 return latents, x0_steps, True
-            model_in = torch.cat([sch.scale_model_input(latents[i : i + 1], t)
+            per = latents.shape[0] // len(scheds)  # images per scheduler: 1, or the batch
+            model_in = torch.cat([sch.scale_model_input(latents[i * per : (i + 1) * per], t)
                                   for i, sch in enumerate(scheds)])
             unet_in = torch.cat([model_in, model_in]) if use_cfg else model_in
             out = unet(unet_in, t, encoder_hidden_states=context, timestep_cond=
@@ -328,7 +333,8 @@ class Pipeline:
             alpha_bar = alphas_cumprod[min(int(round(float(t))), len(alphas_cumprod) - 1)]
             x0 = predicted_clean(model_in, out, alpha_bar.to(latents.device).expand(latents.shape[0]), c.prediction_type)
             x0_steps.append(x0)
-            latents = torch.cat([sch.step(out[i : i + 1], t, latents[i : i + 1], **kw).prev_sample
+            latents = torch.cat([sch.step(out[i * per : (i + 1) * per], t,
+                                          latents[i * per : (i + 1) * per], **kw).prev_sample
                                  for i, (sch, kw) in enumerate(zip(scheds, step_kwargs))])
             counter.advance(len(timesteps), latents.shape[0], x0)
         return latents, x0_steps, False

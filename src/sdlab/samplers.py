@@ -22,28 +22,30 @@ class Sampler:
     a1111_name: str
     scheduler_class: str
     options: dict[str, Any] = field(default_factory=dict)
+    stochastic: bool = False  # draws fresh noise at each step (needs one scheduler per image)
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("ddim", "DDIM", "DDIMScheduler"),
-    Sampler("ddpm", "DDPM", "DDPMScheduler"),
+    Sampler("ddpm", "DDPM", "DDPMScheduler", stochastic=True),
     Sampler("pndm", "PLMS", "PNDMScheduler", {"skip_prk_steps": True}),
     Sampler("lms", "LMS", "LMSDiscreteScheduler"),
     Sampler("lms_karras", "LMS Karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     Sampler("heun", "Heun", "HeunDiscreteScheduler"),
     Sampler("euler", "Euler", "EulerDiscreteScheduler"),
-    Sampler("euler_a", "Euler a", "EulerAncestralDiscreteScheduler"),
+    Sampler("euler_a", "Euler a", "EulerAncestralDiscreteScheduler", stochastic=True),
     Sampler("dpm2", "DPM2", "KDPM2DiscreteScheduler"),
     Sampler("dpm++_2m", "DPM++ 2M", "DPMSolverMultistepScheduler",
             {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     Sampler("dpm++_2m_karras", "DPM++ 2M Karras", "DPMSolverMultistepScheduler",
             {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     Sampler("dpm++_2m_sde_karras", "DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler",
-            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+            stochastic=True),
     Sampler("dpm++_sde_karras", "DPM++ SDE Karras", "DPMSolverSDEScheduler",
-            {"use_karras_sigmas": True}),
+            {"use_karras_sigmas": True}, stochastic=True),
     Sampler("unipc", "UniPC", "UniPCMultistepScheduler"),
-    Sampler("lcm", "LCM", "LCMScheduler"),
+    Sampler("lcm", "LCM", "LCMScheduler", stochastic=True),
 ]}
 
 
