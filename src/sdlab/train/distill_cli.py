@@ -90,26 +90,28 @@ def cmd_guided(args: argparse.Namespace) -> int:
             raise InputError("give --rounds or --start-steps, not both")
         end = args.end_steps or GuidedConfig.end_steps
         values["start_steps"] = end * 2 ** args.rounds
-    try:
-        cfg = GuidedConfig.from_dict(values)
-        cfg.validate()
-    except ValueError as e:
-        raise InputError(str(e)) from e
+    cfg = _validated(GuidedConfig, values)
     final = distill_guided(cfg, resume=args.resume)
     print(f"guided student ({cfg.end_steps} DDIM steps): {final}")
     return 0
 
 
-def cmd_lcm(args: argparse.Namespace) -> int:
+def _validated(config_cls, values: dict):
+    """The config, or one InputError line (exit 2) naming what is wrong."""
     from sdlab.errors import InputError
-    from sdlab.train.distill import LCMConfig, distill_lcm
-    values = _config_values(args, ("steps", "solver_steps", "target_decay", "loss", "huber_c",
-                                   "default_steps"))
     try:
-        cfg = LCMConfig.from_dict(values)
+        cfg = config_cls.from_dict(values)
         cfg.validate()
     except ValueError as e:
         raise InputError(str(e)) from e
+    return cfg
+
+
+def cmd_lcm(args: argparse.Namespace) -> int:
+    from sdlab.train.distill import LCMConfig, distill_lcm
+    values = _config_values(args, ("steps", "solver_steps", "target_decay", "loss", "huber_c",
+                                   "default_steps"))
+    cfg = _validated(LCMConfig, values)
     final = distill_lcm(cfg, resume=args.resume)
     print(f"LCM student ({cfg.default_steps} steps): {final}")
     return 0
