@@ -293,3 +293,40 @@ def test_cli_generate_loads_embedding_and_lora(model, ti_run, lora_run, tmp_path
     [png] = tmp_path.glob("*.png")
     info = parse_infotext(read_infotext(png))
     assert info["Lora"] == "out:0.5" and info["TI hashes"].startswith("<x>: ")
+
+
+def test_server_loads_embedding_and_lora(model, ti_run, lora_run):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from sdlab.images import parse_infotext
+    from sdlab.server.app import create_app
+    _, embedding = ti_run
+    _, lora = lora_run
+    request = {"prompt": "a <x> sks", "steps": 2, "seed": 1, "width": 32, "height": 32,
+               "sampler_name": "Euler", "cfg_scale": 5}
+
+    def generate(app) -> tuple[np.ndarray, dict]:
+        with TestClient(app) as client:
+            body = client.post("/sdapi/v1/txt2img", json=request).json()
+            listed = client.get("/sdapi/v1/embeddings").json()
+        image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+        return np.asarray(image.convert("RGB")), {"info": json.loads(body["info"]), "listed": listed}
+
+    plain, plain_meta = generate(create_app(str(model), device="cpu"))
+    served, meta = generate(create_app(str(model), device="cpu", embeddings=[str(embedding)],
+                                       loras=[f"{lora}:0.5"]))
+    assert plain_meta["listed"]["loaded"] == {}
+    assert meta["listed"]["loaded"]["<x>"]["vectors"] == 2 and meta["listed"]["loaded"]["<x>"]["shape"] == 32
+    infotext = parse_infotext(meta["info"]["infotexts"][0])
+    assert infotext["Lora"] == "out:0.5" and infotext["TI hashes"].startswith("<x>: ")
+    assert np.abs(served.astype(int) - plain.astype(int)).max() > 0
+
+    cli_pipe = sdlab.load(str(model), device="cpu")
+    personalize.apply_personalization(cli_pipe, embeddings=[str(embedding)], loras=[f"{lora}:0.5"])
+    same = cli_pipe.generate("a <x> sks", seed=1, steps=2, width=32, height=32, sampler="euler",
+                             guidance_scale=5)[0].image
+    same = np.asarray(same.convert("RGB")).astype(int)
+    assert np.abs(same - served.astype(int)).max() <= 1  # the server runs the CLI's pipeline

@@ -216,15 +216,15 @@ def set_embedding(pipe, token: str, vectors: torch.Tensor) -> list[int]:
     return ids
 
 
-def load_embedding(pipe, spec: str | Path) -> list[str]:
-    """Load one `FILE[:TOKEN]`; returns the tokens it defines."""
+def load_embedding(pipe, spec: str | Path) -> dict[str, tuple[int, int]]:
+    """Load one `FILE[:TOKEN]`; returns {token: (vectors, dim)} for each token it defines."""
     path, token = split_spec(spec)
     embeddings = read_embedding_file(path, token)
     for name, vectors in embeddings.items():
         set_embedding(pipe, name, vectors)
     digest = file_hash(path)
     _add_extra(pipe, "TI hashes", ", ".join(f"{name}: {digest}" for name in embeddings))
-    return list(embeddings)
+    return {name: tuple(vectors.shape) for name, vectors in embeddings.items()}
 
 
 # ------------------------------------------------------------------------------------- LoRAs
@@ -384,10 +384,21 @@ def _add_extra(pipe, key: str, value: str) -> None:
     extras[key] = f"{extras[key]}, {value}" if extras.get(key) else value
 
 
+@dataclass
+class Personalization:
+    """What apply_personalization loaded: {token: (vectors, dim)} and {LoRA name: weight}."""
+
+    embeddings: dict[str, tuple[int, int]]
+    loras: dict[str, float]
+
+
 def apply_personalization(pipe, embeddings: list[str] | tuple = (),
-                          loras: list[str] | tuple = ()) -> None:
+                          loras: list[str] | tuple = ()) -> Personalization:
     """Load textual-inversion embeddings (`FILE[:TOKEN]`) and fuse LoRAs (`FILE[:WEIGHT]`)."""
+    loaded = Personalization({}, {})
     for spec in embeddings:
-        load_embedding(pipe, spec)
+        loaded.embeddings.update(load_embedding(pipe, spec))
     for spec in loras:
-        load_lora(pipe, spec)
+        name, weight = load_lora(pipe, spec)
+        loaded.loras[name] = weight
+    return loaded

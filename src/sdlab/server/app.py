@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -47,14 +48,19 @@ _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 
 def create_app(model: str = "shapes", *, api_key: str | None = None, limits: Limits = Limits(),
                device: str = "auto", pipeline_factory: PipelineFactory | None = None,
-               trusted_hosts: tuple[str, ...] | None = None) -> FastAPI:
+               trusted_hosts: tuple[str, ...] | None = None, embeddings: Sequence[str] = (),
+               loras: Sequence[str] = ()) -> FastAPI:
     """Load `model` (SdlabError if it cannot be) and build the app around a started Worker.
 
     pipeline_factory(spec) -> Pipeline replaces sdlab.load (tests inject a loaded Pipeline).
     With api_key, everything but the page needs `Authorization: Bearer KEY`; with
-    trusted_hosts, other Host headers are refused (DNS rebinding onto a loopback server)."""
+    trusted_hosts, other Host headers are refused (DNS rebinding onto a loopback server).
+    `embeddings` (FILE[:TOKEN]) and `loras` (FILE[:WEIGHT]) are loaded into every checkpoint the
+    server loads, as `sdlab generate --embedding/--lora` would."""
     static = StaticFiles(directory=STATIC_DIR)
     factory = pipeline_factory or partial(sdlab.load, device=device)
+    if embeddings or loras:
+        factory = partial(_personalized, factory, tuple(embeddings), tuple(loras))
     pipe = factory(model)
     registry = ModelRegistry.discover(model, pipe.components.name)
     worker = Worker(factory, registry, pipe, max_queue=limits.max_queue)
@@ -77,6 +83,14 @@ def create_app(model: str = "shapes", *, api_key: str | None = None, limits: Lim
     if trusted_hosts:
         app.add_middleware(TrustedHosts, hosts=trusted_hosts)
     return app
+
+
+def _personalized(factory: PipelineFactory, embeddings: tuple[str, ...], loras: tuple[str, ...],
+                  spec: str):
+    from sdlab.personalize import apply_personalization
+    pipe = factory(spec)
+    pipe.personalization = apply_personalization(pipe, embeddings=embeddings, loras=loras)
+    return pipe
 
 
 # --- the API ----------------------------------------------------------------------------------
@@ -206,8 +220,13 @@ class Api:
         return [_model_item(self.worker.registry.hashed(e)) for e in self.worker.registry.entries()]
 
     async def embeddings(self) -> dict:
-        """Textual-inversion embeddings (none are loaded by the server yet)."""
-        return {"loaded": {}, "skipped": {}}
+        """Textual-inversion embeddings loaded with `sdlab serve --embedding` (A1111's fields)."""
+        pipe = self.worker.pipeline
+        loaded = getattr(getattr(pipe, "personalization", None), "embeddings", {})
+        return {"loaded": {token: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                   "shape": dim, "vectors": vectors}
+                           for token, (vectors, dim) in loaded.items()},
+                "skipped": {}}
 
     async def scripts(self) -> dict:
         """No A1111 scripts; here so clients that probe for extensions get an answer."""

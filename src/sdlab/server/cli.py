@@ -35,6 +35,11 @@ def add_parser(sub) -> None:
                    help="embedded name (shapes, shapes-fast), model folder, .safetensors file "
                         "or cached hub id (default: shapes)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding to load (repeatable; diffusers or A1111 format)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="LoRA to fuse into every model the server loads (repeatable; diffusers "
+                        "or kohya keys; weight default 1)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV}; "
                         "the environment keeps it out of the process list)")
@@ -93,7 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "max_steps": args.max_steps}
     limits = Limits(**{k: v for k, v in given.items() if v is not None})
     app = create_app(args.model, api_key=api_key, limits=limits, device=args.device,
-                     trusted_hosts=LOOPBACK_HOSTS if is_loopback(args.host) else None)
+                     trusted_hosts=LOOPBACK_HOSTS if is_loopback(args.host) else None,
+                     embeddings=args.embedding, loras=args.lora)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"sdlab: serving {app.state.worker.checkpoint} on http://{shown}:{port}/ "

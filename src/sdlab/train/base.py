@@ -44,6 +44,8 @@ class BaseConfig:
     decoder_steps: int = 1500
     decoder_lr: float = 3e-4
     decoder_object_weight: float = 4.0
+    decoder_edge_weight: float = 4.0  # the object's outline decides its judged shape
+    decoder_latent_noise: float = 0.15  # half the batches: z + N(0, (U*this)^2), U ~ U(0,1)
     # text encoder (CLIP architecture, CLIP's BPE vocabulary)
     text_hidden: int = 64
     text_layers: int = 3
@@ -245,7 +247,8 @@ def stage_decoder(cfg: BaseConfig, out: Path, resume: bool) -> None:
     vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     vae = accelerator.prepare(vae)
-    latents = torch.load(out / "latents.pt") / accelerator.unwrap_model(vae).config.scaling_factor
+    scaling = accelerator.unwrap_model(vae).config.scaling_factor
+    latents = torch.load(out / "latents.pt") / scaling
     images = np.load(out / "data.npz")["images"]
     gen = np.random.default_rng(cfg.seed + 1 + accelerator.process_index)
 
@@ -259,8 +262,13 @@ def stage_decoder(cfg: BaseConfig, out: Path, resume: bool) -> None:
 
     def loss_fn(batch, step):
         z, x, is_object = batch
+        # the UNet's latents are never exactly the encoder's: a decoder that has seen slightly
+        # perturbed latents still draws clean outlines from them
+        noisy = torch.rand(z.shape[0], 1, 1, 1, device=z.device) < 0.5
+        sigma = torch.rand(z.shape[0], 1, 1, 1, device=z.device) * cfg.decoder_latent_noise / scaling
+        z = torch.where(noisy, z + sigma * torch.randn_like(z), z)
         recon = accelerator.unwrap_model(vae).decode(z).sample
-        weight = 1 + cfg.decoder_object_weight * is_object
+        weight = 1 + cfg.decoder_object_weight * is_object + cfg.decoder_edge_weight * _outline(is_object)
         err = recon - x
         return (weight * (err.abs() + err.pow(2))).mean()
 
@@ -271,6 +279,13 @@ def stage_decoder(cfg: BaseConfig, out: Path, resume: bool) -> None:
     if accelerator.is_main_process:
         accelerator.unwrap_model(vae).save_pretrained(final)
     accelerator.wait_for_everyone()
+
+
+def _outline(mask: torch.Tensor) -> torch.Tensor:
+    """Pixels within one pixel of a (B, 1, H, W) 0/1 mask's boundary."""
+    grown = torch.nn.functional.max_pool2d(mask, 3, stride=1, padding=1)
+    shrunk = -torch.nn.functional.max_pool2d(-mask, 3, stride=1, padding=1)
+    return grown - shrunk
 
 
 def trained_vae_dir(out: Path) -> Path:
