@@ -36,7 +36,9 @@ def register_all(recipes) -> None:
     _common(ti)
     ti.add_argument("--token", required=True, help='the new token, e.g. "<gt>"')
     ti.add_argument("--init-token", required=True, help="word whose embedding the token starts from")
-    ti.add_argument("--vectors", type=int, default=1, help="embedding vectors for the token")
+    ti.add_argument("--vectors", type=int, default=None,
+                    help="embedding vectors for the token (default: 2 on the small Shapes models, "
+                         "whose concepts are two words; 1 on real models)")
     ti.add_argument("--caption-template", dest="caption_templates", action="append", default=[],
                     metavar="TEMPLATE", help='training prompt with {} for the token (repeatable)')
     ti.add_argument("--out", default="", metavar="FILE",
