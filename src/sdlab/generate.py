@@ -212,6 +212,11 @@ class Pipeline:
                      height=d.height if height is None else height)
         if not isinstance(s.steps, int) or s.steps < 1:
             raise InputError(f"steps must be a whole number >= 1, got {s.steps}")
+        # at as many steps as training timesteps, several diffusers schedulers index one past
+        # their tables (steps_offset, final sigma): one fewer always works
+        most = self.components.scheduler_config.get("num_train_timesteps", 1000) - 1
+        if s.steps > most:
+            raise InputError(f"steps must be at most {most} for this model, got {s.steps}")
         if s.guidance_scale < 0:
             raise InputError(f"guidance scale must be >= 0, got {s.guidance_scale}")
         multiple = self.components.vae_scale_factor * 2 ** (len(self.components.unet.config.block_out_channels) - 1)
