@@ -264,9 +264,9 @@ def stage_decoder(cfg: BaseConfig, out: Path, resume: bool) -> None:
         z, x, is_object = batch
         # the UNet's latents are never exactly the encoder's: a decoder that has seen slightly
         # perturbed latents still draws clean outlines from them
-        noisy = torch.rand(z.shape[0], 1, 1, 1, device=z.device) < 0.5
-        sigma = torch.rand(z.shape[0], 1, 1, 1, device=z.device) * cfg.decoder_latent_noise / scaling
-        z = torch.where(noisy, z + sigma * torch.randn_like(z), z)
+        per_image = (z.shape[0], 1, 1, 1)
+        sigma = torch.rand(per_image) * (torch.rand(per_image) < 0.5) * cfg.decoder_latent_noise / scaling
+        z = z + sigma.to(z.device) * torch.randn_like(z)
         recon = accelerator.unwrap_model(vae).decode(z).sample
         weight = 1 + cfg.decoder_object_weight * is_object + cfg.decoder_edge_weight * _outline(is_object)
         err = recon - x
@@ -392,8 +392,10 @@ def export_model_folder(cfg: BaseConfig, out: Path, weights: Path, dest: Path,
     (dest / "model_index.json").write_text(json.dumps(index, indent=2))
     defaults = {"sampler": cfg.default_sampler, "steps": cfg.default_steps,
                 "guidance_scale": cfg.default_guidance_scale, "width": 64, "height": 64}
+    # `stages` says which stages one invocation ran, not how the model was made
+    recipe = {k: v for k, v in asdict(cfg).items() if k != "stages"}
     (dest / "sdlab.json").write_text(json.dumps({"name": cfg.name, "defaults": defaults,
-                                                 "recipe": asdict(cfg), **(notes or {})}, indent=2))
+                                                 "recipe": recipe, **(notes or {})}, indent=2))
     return dest
 
 

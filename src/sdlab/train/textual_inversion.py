@@ -33,17 +33,13 @@ from sdlab.train.personal import Session, TrainConfig, format_caption
 SMALL_TEMPLATES = ("a {}",)
 PHOTO_TEMPLATES = ("a {}", "{}", "an image of a {}", "a photo of a {}")
 EMBEDDING_FILE = "learned_embeds.safetensors"
-# The Shapes grammar names an object in two words ("green triangle") and its small text encoder
-# reads a word by its position: a one-vector token shifts "on a white background" one place to
-# where no caption ever had it, and the clause is ignored (measured: 0.0-0.13 of images right on
-# `a <gt> on a white background` with 1 vector, 0.66 with 2). Set by personal.fill_defaults.
 
 
 @dataclass
 class TextualInversionConfig(TrainConfig):
     token: str = ""
     init_token: str = ""
-    vectors: int | None = None  # None: by model size (SMALL_VECTORS / 1)
+    vectors: int | None = None  # None: by model size (personal.TI_VECTORS)
     caption_templates: list[str] = field(default_factory=list)  # empty: by model size
 
     def check(self) -> None:
