@@ -76,6 +76,27 @@ def test_guidance_and_negative_prompt_change_the_image(tiny_pipe):
     assert np.abs(base - neg).max() > 1e-3
 
 
+def test_guidance_cap_applies_only_at_low_noise(tiny_pipe):
+    from sdlab.generate import Settings
+    s = Settings(steps=4, guidance_scale=5, sampler="ddim", width=32, height=32,
+                 guidance_cap=1.5, guidance_cap_below=0.7)
+    assert [s.guidance_at(t, 1000) for t in (999, 700, 699, 0)] == [5, 5, 1.5, 1.5]
+    assert Settings(4, 1, "ddim", 32, 32, guidance_cap=1.5).guidance_at(0, 1000) == 1
+    d = tiny_pipe.components.defaults
+    plain = tiny_pipe.generate("a red circle", seed=5, steps=3, guidance_scale=7)[0]
+    try:
+        d.guidance_cap = 7  # a cap at the scale changes nothing
+        assert np.array_equal(tiny_pipe.generate("a red circle", seed=5, steps=3,
+                                                 guidance_scale=7)[0].pixels, plain.pixels)
+        d.guidance_cap, d.guidance_cap_below = 1.0, 1.0  # capped at every step: as guidance 1
+        capped = tiny_pipe.generate("a red circle", seed=5, steps=3, guidance_scale=7)[0]
+        unguided = tiny_pipe.generate("a red circle", seed=5, steps=3, guidance_scale=1)[0]
+        assert np.abs(capped.pixels - unguided.pixels).max() < 1e-5
+        assert "CFG cap: 1 below t=1" in capped.params.infotext()
+    finally:
+        d.guidance_cap, d.guidance_cap_below = None, 0.7
+
+
 def test_empty_prompt_is_unconditional(tiny_pipe):
     [r] = tiny_pipe.generate("", seed=2, steps=2)
     assert r.params.prompt == ""

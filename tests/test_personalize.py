@@ -156,11 +156,14 @@ def test_resume_continues_exactly(model, images, tmp_path):
 def test_lora_file_loads_with_a_weight(model, lora_run):
     cfg, out = lora_run
     assert out.name == "pytorch_lora_weights.safetensors"
-    assert out.stat().st_size < 100_000
+    assert out.stat().st_size < 400_000
     with safe_open(str(out), "pt") as f:
         keys = list(f.keys())
     assert any(k.startswith("unet.") and ".to_q.lora.down.weight" in k for k in keys)
     assert any(k.startswith("text_encoder.text_model.encoder.") for k in keys)
+    # a small model: the VAE decoder is adapted too (sdlab.train.dreambooth.DECODER)
+    assert any(k.startswith("vae.decoder.") and ".conv1.lora" in k for k in keys)
+    assert not any(k.startswith("vae.encoder.") for k in keys)
 
     pipe = sdlab.load(str(model), device="cpu")
     base = pixels(pipe, "a sks")
@@ -247,6 +250,24 @@ def test_dreambooth_writes_a_loadable_model(model, images, tmp_path):
     assert np.abs(pixels(tuned, "a sks") - base).max() > 1e-4
     assert (out / "command.txt").exists() and (out / "config.json").exists()
     assert json.loads((out / "sdlab.json").read_text())["personalization"]["instance_prompt"] == "a sks"
+
+
+def test_dreambooth_decoder_learns_on_small_models_encoder_stays(model, images, tmp_path):
+    def vae_state(path):
+        return load_file(str(path / "vae" / "diffusion_pytorch_model.safetensors"))
+    source = vae_state(model)
+    for train_decoder in (None, False):  # None: the default, on for a 32 px model
+        out = tmp_path / f"db-{train_decoder}"
+        cfg = DreamboothConfig(**common(model, images, out, steps=2, lr=1e-3, decoder_lr=1e-2),
+                               instance_prompt="a sks", train_decoder=train_decoder)
+        train_dreambooth(cfg)
+        tuned = vae_state(out)
+        changed = {k for k in source if not torch.equal(source[k].to(tuned[k].dtype), tuned[k])}
+        if train_decoder is None:
+            assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+            assert json.loads((out / "sdlab.json").read_text())["personalization"]["train_decoder"]
+        else:
+            assert not changed
 
 
 # --- data and errors ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from sdlab.errors import InputError
 from sdlab.shapes.world import (
     ALL_SHAPES, PALETTE, POSITIONS, SIZES, Scene, caption, object_mask, random_caption, render,
-    sample_scene,
+    sample_scene, tag_caption,
 )
 
 
@@ -86,6 +86,18 @@ def test_captions():
     assert caption(t, size=False, position=False) == "a red circle on an orange background"
     rng = random.Random(0)
     assert len({random_caption(t, rng) for _ in range(200)}) == 8  # every clause subset
+
+
+def test_tag_captions_name_only_what_the_scene_has():
+    t = Scene("circle", "red", "large", "center", "blue", 32, (32, 32))
+    rng = random.Random(0)
+    tags = [tag_caption(t, rng) for _ in range(500)]
+    allowed = {"red", "circle", "large", "center", "blue background", "blue"}
+    for text in tags:
+        words = text.split(", ")
+        assert 1 <= len(words) <= 3 and len(set(words)) == len(words)
+        assert set(words) <= allowed, text
+    assert "blue" in tags and "red" in tags  # a bare colour names object or background
 
 
 def test_invalid_scene():

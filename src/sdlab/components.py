@@ -33,6 +33,10 @@ class Defaults:
     width: int = 512
     height: int = 512
     guidance_embedding: bool = False  # distilled students take w as an input, not two passes
+    # guidance in a limited interval (Kynkaanniemi et al. 2024): below this share of the training
+    # timesteps (low noise, where shapes get their edges) guidance is at most guidance_cap
+    guidance_cap: float | None = None
+    guidance_cap_below: float = 0.7
 
 
 @dataclass

@@ -93,6 +93,14 @@ class Settings:
     sampler: str
     width: int
     height: int
+    guidance_cap: float | None = None  # see Defaults.guidance_cap
+    guidance_cap_below: float = 0.7
+
+    def guidance_at(self, t: float, num_train_timesteps: int) -> float:
+        """The guidance scale of the step at timestep t."""
+        if self.guidance_cap is not None and t < self.guidance_cap_below * num_train_timesteps:
+            return min(self.guidance_scale, self.guidance_cap)
+        return self.guidance_scale
 
 
 @dataclass
@@ -209,7 +217,8 @@ class Pipeline:
                      guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
                      sampler=samplers.resolve(sampler or d.sampler).name,
                      width=d.width if width is None else width,
-                     height=d.height if height is None else height)
+                     height=d.height if height is None else height,
+                     guidance_cap=d.guidance_cap, guidance_cap_below=d.guidance_cap_below)
         if not isinstance(s.steps, int) or s.steps < 1:
             raise InputError(f"steps must be a whole number >= 1, got {s.steps}")
         # at as many steps as training timesteps, several diffusers schedulers index one past
@@ -297,7 +306,7 @@ class Pipeline:
             # exactly as one per image would, without a Python loop per image and step
             scheds, gens = scheds[:1], gens[:1]
         latents, x0_steps, stopped = self._denoise(latents, timesteps, scheds, gens, cond, uncond,
-                                                   s.guidance_scale, counter, should_stop)
+                                                   s, counter, should_stop)
         final = x0_steps[-1] if stopped and x0_steps else latents
         pixels = self._decode(final)
         flags = self._safety_check(pixels)
@@ -308,14 +317,15 @@ class Pipeline:
                              trajectory=None if frames is None else [f[i] for f in frames])
                 for i, (px, r) in enumerate(zip(pixels, batch))]
 
-    def _denoise(self, latents, timesteps, scheds, gens, cond, uncond, guidance_scale, counter,
+    def _denoise(self, latents, timesteps, scheds, gens, cond, uncond, s: Settings, counter,
                  should_stop):
         c = self.components
         unet = c.unet
         use_cfg = uncond is not None
+        num_train = c.scheduler_config.get("num_train_timesteps", 1000)
         timestep_cond = None
         if unet.config.time_cond_proj_dim is not None:  # guidance-distilled: w is an input
-            w = torch.full((latents.shape[0],), guidance_scale - 1.0, device=latents.device)
+            w = torch.full((latents.shape[0],), s.guidance_scale - 1.0, device=latents.device)
             timestep_cond = guidance_embedding(w, unet.config.time_cond_proj_dim).to(latents.dtype)
         context = torch.cat([uncond, cond]) if use_cfg else cond
         step_kwargs = [self._step_kwargs(sch, g) for sch, g in zip(scheds, gens)]
@@ -333,7 +343,7 @@ class Pipeline:
                        ).sample
             if use_cfg:
                 out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+                out = out_uncond + s.guidance_at(float(t), num_train) * (out_cond - out_uncond)
             alphas_cumprod = scheds[0].alphas_cumprod
             alpha_bar = alphas_cumprod[min(int(round(float(t))), len(alphas_cumprod) - 1)]
             x0 = predicted_clean(model_in, out, alpha_bar.to(latents.device).expand(latents.shape[0]), c.prediction_type)
@@ -412,6 +422,8 @@ class Pipeline:
                                   steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance_scale,
                                   width=s.width, height=s.height, model=self.components.name,
                                   denoising_strength=strength, extras=dict(self.infotext_extras))
+        if s.guidance_cap is not None and s.guidance_cap < s.guidance_scale:
+            params.extras["CFG cap"] = f"{s.guidance_cap:g} below t={s.guidance_cap_below:g}"
         return Result(image=image, params=params, **kw)
 
 

@@ -15,6 +15,7 @@ LoRAs. Formats read: diffusers/peft (`unet.<module>.lora_A.weight` / `.lora.down
   `.lora_linear_layer.down.weight`, `text_encoder.` keys, alpha from the file's
   `lora_adapter_metadata`) and kohya / A1111 (`lora_unet_<module_with_underscores>.lora_down.weight`,
   `.lora_up.weight`, `.alpha`, `lora_te_` / `lora_te1_` text-encoder keys), on Linear and Conv layers.
+  sdlab's own Dreambooth LoRAs of the small models also adapt the VAE decoder, under `vae.` keys.
   A LoRA is *fused*: W += weight * alpha / rank * up @ down, computed in fp32. Why fuse rather
   than keep peft adapters: generation costs nothing extra, any layer kind works, peft is not needed
   at inference, and weight 0 leaves the weights bit for bit as they were. The price: removing a
@@ -233,7 +234,7 @@ def load_embedding(pipe, spec: str | Path) -> dict[str, tuple[int, int]]:
 class LoraLayer:
     """One adapted layer: delta W = scale * up @ down."""
 
-    target: str  # "unet" or "text_encoder"
+    target: str  # "unet", "text_encoder" or "vae"
     module: str  # path inside the target, diffusers / transformers naming (or kohya's underscores)
     down: torch.Tensor | None = None  # (rank, in[, kh, kw])
     up: torch.Tensor | None = None  # (out, rank[, 1, 1])
@@ -255,7 +256,7 @@ _ROLES = [
     (re.compile(r"^(?P<m>.+)\.alpha$"), "alpha"),
 ]
 _KOHYA_TARGETS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-_TARGETS = {"unet.": "unet", "text_encoder.": "text_encoder"}
+_TARGETS = {"unet.": "unet", "text_encoder.": "text_encoder", "vae.": "vae"}  # vae.: sdlab's
 
 
 def _split_module(module: str) -> tuple[str, str, bool]:

@@ -162,6 +162,17 @@ def random_caption(scene: Scene, rng: random.Random, keep: float = 0.5) -> str:
                    background=rng.random() < keep)
 
 
+def tag_caption(scene: Scene, rng: random.Random) -> str:
+    """A few of the scene's words as a comma-separated tag list, in random order (`blue, circle`,
+    `small, red background`). Outside the spec's grammar on purpose: it teaches the model what a
+    lone word means, which is what a negative prompt such as `blue` is. A bare colour may name
+    the background too, so that `blue` means blue anywhere in the image."""
+    background = f"{scene.background} background" if rng.random() < 0.5 else scene.background
+    words = [scene.color, scene.shape, scene.size, scene.position, background]
+    picked = rng.sample(words, rng.randint(1, 3))
+    return ", ".join(picked)
+
+
 def with_jitter_removed(scene: Scene) -> Scene:
     """The same scene at its nominal size and position (used by tests and diagrams)."""
     return replace(scene, side=SIZES[scene.size], center=POSITIONS[scene.position])

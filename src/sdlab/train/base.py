@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sdlab.errors import InputError
-from sdlab.shapes.world import Scene, random_caption, render, sample_scene
+from sdlab.shapes.world import Scene, random_caption, render, tag_caption, sample_scene
 from sdlab.train import loop
 
 TERMINAL_ALPHA_BAR = 2.0**-24  # not exactly 0, so that sigma-based samplers stay finite
@@ -59,6 +59,7 @@ class BaseConfig:
     unet_lr: float = 5e-4
     caption_dropout: float = 0.1
     clause_keep: float = 0.5
+    tag_caption_prob: float = 0.0  # share of captions that are tag lists (`blue, circle`)
     ema_decay: float = 0.999
     checkpoint_minutes: float = 5.0
     # defaults written into the model for `sdlab generate`
@@ -307,6 +308,16 @@ class CaptionTokens:
         return torch.stack([self.cache[c] for c in captions])
 
 
+def _training_caption(scene, rng: random.Random, cfg: BaseConfig) -> str:
+    """Empty (for classifier-free guidance), a tag list, or a caption from the spec's grammar."""
+    u = rng.random()
+    if u < cfg.caption_dropout:
+        return ""
+    if u < cfg.caption_dropout + cfg.tag_caption_prob:
+        return tag_caption(scene, rng)
+    return random_caption(scene, rng, cfg.clause_keep)
+
+
 def stage_unet(cfg: BaseConfig, out: Path, resume: bool) -> None:
     final = out / "unet_ema"
     if (final / "unet" / "config.json").exists():
@@ -331,8 +342,7 @@ def stage_unet(cfg: BaseConfig, out: Path, resume: bool) -> None:
     def batches():
         while True:
             idx = [rng.randrange(len(scenes)) for _ in range(cfg.unet_batch)]
-            captions = ["" if rng.random() < cfg.caption_dropout
-                        else random_caption(scenes[i], rng, cfg.clause_keep) for i in idx]
+            captions = [_training_caption(scenes[i], rng, cfg) for i in idx]
             yield latents[idx].to(accelerator.device), tokens(captions).to(accelerator.device)
 
     def loss_fn(batch, step):

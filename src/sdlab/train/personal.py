@@ -126,6 +126,7 @@ class ImageSet:
     latents: torch.Tensor  # (N, views, C, h, w)
     captions: list[str | None]
     sampler: data.Sampler
+    pixels: torch.Tensor  # (N, views, 3, H, W) in [-1, 1]: what a decoder fine-tune reconstructs
 
 
 def command_line() -> str:
@@ -177,14 +178,23 @@ class Session:
         latents = data.encode_latents(self.components.vae, pixels, self.cfg.flip)
         sampler = data.Sampler(len(images), self.cfg.repeats, self.cfg.seed + seed_offset,
                                views=latents.shape[1])
-        return ImageSet(latents, [im.caption for im in images], sampler)
+        views = torch.stack([pixels, pixels.flip(-1)] if self.cfg.flip else [pixels], dim=1)
+        return ImageSet(latents, [im.caption for im in images], sampler, views)
 
     def batch(self, images: ImageSet, step: int, size: int) -> tuple[torch.Tensor, list[int]]:
         """This process's latents at `step` and the indices of their images."""
-        a = self.accelerator
-        picks = images.sampler.indices(step, size, a.process_index, a.num_processes)
+        picks = self._picks(images, step, size)
         latents = torch.stack([images.latents[i, v] for i, v in picks])
         return latents.to(self.device), [i for i, _ in picks]
+
+    def batch_pixels(self, images: ImageSet, step: int, size: int) -> torch.Tensor:
+        """The pixels of the images `batch` returns latents of at the same step."""
+        picks = self._picks(images, step, size)
+        return torch.stack([images.pixels[i, v] for i, v in picks]).to(self.device)
+
+    def _picks(self, images: ImageSet, step: int, size: int) -> list[tuple[int, int]]:
+        a = self.accelerator
+        return images.sampler.indices(step, size, a.process_index, a.num_processes)
 
     def freeze(self, *modules: torch.nn.Module) -> None:
         """Frozen models run in the mixed-precision dtype (the VAE stays fp32)."""
@@ -252,7 +262,8 @@ class Session:
     def train(self, params: list[torch.nn.Parameter], make_batch: Callable[[int], Any],
               loss_fn: Callable[[Any, int], torch.Tensor], validation_prompts: list[str],
               after_step: Callable[[int], None] | None = None,
-              on_checkpoint: Callable[[int], None] | None = None) -> int:
+              on_checkpoint: Callable[[int], None] | None = None,
+              optimizer: torch.optim.Optimizer | None = None) -> int:
         """loop.run with batches made per step (exact --resume) and periodic validation grids."""
         cfg = self.cfg
         batches = (make_batch(step) for step in itertools.count(self.first_step()))
@@ -262,7 +273,7 @@ class Session:
         hooks = loop.Hooks(after_step=after_step, every_n=cfg.validate_every,
                            every_n_fn=lambda step: self.validate(step, validation_prompts),
                            on_checkpoint=on_checkpoint)
-        return loop.run(config, self.accelerator, params, batches, loss_fn, hooks)
+        return loop.run(config, self.accelerator, params, batches, loss_fn, hooks, optimizer)
 
 
 def format_caption(template: str | None, fill: str, fallback: str) -> str:

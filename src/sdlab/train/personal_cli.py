@@ -57,6 +57,10 @@ def register_all(recipes) -> None:
     db.add_argument("--train-text-encoder", action="store_true")
     db.add_argument("--lora", action="store_true", help="train a LoRA instead of the full model")
     db.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    db.add_argument("--train-decoder", action=argparse.BooleanOptionalAction, default=None,
+                    help="also fine-tune the VAE decoder on the images (default: on for the small "
+                         "Shapes models, whose VAE never saw shapes outside their world)")
+    db.add_argument("--decoder-lr", type=float, default=None, help="default 3e-4")
     db.add_argument("--save-dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
     db.add_argument("--out", required=True, metavar="DIR",
                     help="model folder (full) or folder of the LoRA file (--lora)")
