@@ -132,6 +132,7 @@ def run_dreambooth(args, data: Path, out: Path, lora: bool) -> dict:
     cfg = DreamboothConfig(model=args.model, images=str(data), instance_prompt=INSTANCE_PROMPT,
                            class_prompt=CLASS_PROMPT, prior_preservation=True, lora=lora, rank=4,
                            out=str(out / ("lora" if lora else "dreambooth")), steps=args.steps,
+                           lr=args.lr,
                            seed=args.seed, num_class_images=args.class_images,
                            class_data_dir=str(out / "class-images"),
                            validation_prompts=[j.prompt for j in DB_PROMPTS])
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=64, help="images per judged prompt")
     p.add_argument("--eval-n", type=int, default=256, help="prompts for full-caption accuracy")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipes')")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipes')")
     p.add_argument("--class-images", type=int, default=None)
     p.add_argument("--captions", choices=["sidecar", "none"], default="sidecar")
     p.add_argument("--recipes", nargs="+", choices=["ti", "dreambooth", "lora"],

@@ -23,6 +23,10 @@ the class prompt, to the loss (times --prior-loss-weight), so the class keeps it
 cached in a folder keyed by the model (path and weights' size and time), prompt, count and seed:
 under --class-data-dir, else $SDLAB_CACHE or ~/.cache/sdlab, in class-images/.
 
+On the small models (--train-decoder, on by default there; see DECODER) the VAE decoder learns
+too, to reconstruct the instance images: a full run saves the tuned `vae/`, a LoRA run adds
+decoder adapters to its file under `vae.` keys.
+
 Defaults (see sdlab.train.personal): small models 300 steps, batch 8 (+8 class), lr 1e-4 full /
 1e-3 LoRA, 64 class images; 512 px models 400 steps lr 5e-6 full, 500 steps lr 1e-4 LoRA, batch 1,
 100 class images.
