@@ -226,17 +226,16 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     # the decoder's own prior preservation: the model's unconditional samples span what it
     # draws, so reconstructing them keeps the decoder able to draw everything else
     keep = s.load_images(ensure_class_images(s, cfg, prompt=""), seed_offset=2) if decoder else None
-    trained += decoder
-    prepared = s.accelerator.prepare(*trained)
+    model_params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    decoder_params = [p for m in decoder for p in m.parameters() if p.requires_grad]
+    params = model_params + decoder_params
+    groups = [{"params": model_params}] + (
+        [{"params": decoder_params, "lr": cfg.decoder_lr}] if decoder_params else [])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-2)
+    prepared = s.accelerator.prepare(*trained, *decoder)
     prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
     unet = prepared[0]
     te = prepared[1] if cfg.train_text_encoder else s.components.text_encoder
-    params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    decoder_params = [p for m in decoder for p in m.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if all(p is not q for q in decoder_params)]}]
-    if decoder_params:
-        groups.append({"params": decoder_params, "lr": cfg.decoder_lr})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-2)
 
     def prompts_for(images: ImageSet, picks: list[int], prompt: str) -> list[str]:
         return [format_caption(images.captions[i], prompt, prompt) for i in picks]
