@@ -2,6 +2,8 @@
 img2img, trajectory, safety checker, v-prediction."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -93,6 +95,16 @@ def test_guidance_cap_applies_only_at_low_noise(tiny_pipe):
         unguided = tiny_pipe.generate("a red circle", seed=5, steps=3, guidance_scale=1)[0]
         assert np.abs(capped.pixels - unguided.pixels).max() < 1e-5
         assert "CFG cap: 1 below t=1" in capped.params.infotext()
+        # per call: math.inf turns the model's cap off, a number replaces it
+        off = tiny_pipe.generate("a red circle", seed=5, steps=3, guidance_scale=7,
+                                 guidance_cap=math.inf)[0]
+        assert np.array_equal(off.pixels, plain.pixels) and "CFG cap" not in off.params.infotext()
+        d.guidance_cap = None
+        again = tiny_pipe.generate("a red circle", seed=5, steps=3, guidance_scale=7,
+                                   guidance_cap=1.0)[0]
+        assert np.abs(again.pixels - capped.pixels).max() < 1e-6
+        with pytest.raises(InputError):
+            tiny_pipe.settings(guidance_cap=-1)
     finally:
         d.guidance_cap, d.guidance_cap_below = None, 0.7
 
@@ -250,3 +262,29 @@ def test_device_independent_noise(tiny_pipe):
     g2 = torch.Generator("cpu").manual_seed(7)
     b = torch.randn((1, 4, 4, 4), generator=g2)
     assert torch.equal(a, b)
+
+
+def test_cli_guidance_cap_flag_and_from_image_round_trip(tmp_path, capsys):
+    from sdlab.cli import main
+    from sdlab.images import parse_infotext, read_infotext
+    model = make_tiny_sd_folder(tmp_path / "model")
+    common = ["--model", str(model), "--steps", "3", "--seed", "2", "--guidance-scale", "5"]
+    assert main(["generate", "a red circle", *common, "--guidance-cap", "1.5",
+                 "--out", str(tmp_path / "capped")]) == 0
+    [png] = (tmp_path / "capped").glob("*.png")
+    assert parse_infotext(read_infotext(png))["CFG cap"] == "1.5 below t=0.7"
+    assert main(["generate", "a red circle", *common, "--guidance-cap", "off",
+                 "--out", str(tmp_path / "plain")]) == 0
+    [plain] = (tmp_path / "plain").glob("*.png")
+    assert "CFG cap" not in parse_infotext(read_infotext(plain))
+    assert not np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(plain)))
+    # --from reproduces each image exactly, its cap (or its absence) included
+    for source, out in ((png, "again_capped"), (plain, "again_plain")):
+        assert main(["generate", "--from", str(source), "--model", str(model),
+                     "--out", str(tmp_path / out)]) == 0
+        [copy] = (tmp_path / out).glob("*.png")
+        assert np.array_equal(np.asarray(Image.open(copy)), np.asarray(Image.open(source)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a red circle", *common, "--guidance-cap", "lots"])
+    assert exit_info.value.code == 2
+    assert "expected a number or 'off'" in capsys.readouterr().err

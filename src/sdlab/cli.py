@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -48,10 +49,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not run the model's safety checker")
 
 
+def _guidance_cap(text: str) -> float:
+    if text.lower() in ("off", "none"):
+        return math.inf
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--guidance-scale", "--cfg-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--guidance-cap", type=_guidance_cap, default=None, metavar="SCALE|off",
+                   help="guidance at low noise (the last part of sampling) is at most SCALE; "
+                        "'off' guides every step at --guidance-scale (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--sampler", default=None, help="sampler name (see `sdlab samplers`)")
     p.add_argument("--width", type=int, default=None)
@@ -188,7 +201,9 @@ def _apply_from_image(args) -> None:
             "steps": int(p["Steps"]) if "Steps" in p else None, "sampler": p.get("Sampler"),
             "guidance_scale": float(p["CFG scale"]) if "CFG scale" in p else None,
             "seed": int(p["Seed"]) if "Seed" in p else None,
-            "width": width or None, "height": height or None}
+            "width": width or None, "height": height or None,
+            # no cap in the infotext: every step was guided at the CFG scale
+            "guidance_cap": float(p["CFG cap"].split()[0]) if "CFG cap" in p else math.inf}
     for key, value in fill.items():
         if getattr(args, key) is None and value is not None:
             setattr(args, key, value)
@@ -198,7 +213,7 @@ def _apply_from_image(args) -> None:
 
 def _sampling_kwargs(args) -> dict:
     return dict(steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                width=args.width, height=args.height, seed=args.seed,
+                width=args.width, height=args.height, guidance_cap=args.guidance_cap, seed=args.seed,
                 num_images=args.num_images, batch_size=args.batch_size)
 
 
@@ -218,7 +233,7 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args)
     kwargs = _sampling_kwargs(args)
     pipe.settings(kwargs["steps"], kwargs["guidance_scale"], kwargs["sampler"], kwargs["width"],
-                  kwargs["height"])  # validate before loading anything else
+                  kwargs["height"], kwargs["guidance_cap"])  # validate before loading anything else
     with _progress_bar(len(prompts) * args.num_images) as on_progress:
         results = pipe.generate(prompts, args.negative_prompt or "", on_progress=on_progress,
                                 trajectory=args.save_trajectory, **kwargs)
@@ -241,7 +256,8 @@ def cmd_img2img(args) -> int:
         raise InputError(f"--strength must be between 0 and 1, got {args.strength}")
     out = check_output_folder(args.out)
     pipe = load_pipeline(args)
-    s = pipe.settings(args.steps, args.guidance_scale, args.sampler, args.width, args.height)
+    s = pipe.settings(args.steps, args.guidance_scale, args.sampler, args.width, args.height,
+                      args.guidance_cap)
     init = prepare_init_image(args.init, s.width, s.height)
     kwargs = _sampling_kwargs(args)
     negative = args.negative_prompt or ""

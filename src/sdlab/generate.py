@@ -7,6 +7,8 @@ never on the batch size, its place in the batch, or the device.
 """
 from __future__ import annotations
 
+import math
+
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -153,11 +155,12 @@ class Pipeline:
                  steps: int | None = None, guidance_scale: float | None = None,
                  sampler: str | None = None, seed: int | None = None, num_images: int = 1,
                  batch_size: int | None = None, width: int | None = None,
-                 height: int | None = None, on_progress: ProgressFn | None = None,
-                 should_stop: StopFn | None = None, trajectory: bool = False) -> list[Result]:
+                 height: int | None = None, guidance_cap: float | None = None,
+                 on_progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                 trajectory: bool = False) -> list[Result]:
         """Text-to-image. A list of prompts gives num_images images of each; image k of the run
         uses seed + k (a random seed when seed is None or -1)."""
-        settings = self.settings(steps, guidance_scale, sampler, width, height)
+        settings = self.settings(steps, guidance_scale, sampler, width, height, guidance_cap)
         requests = self._requests(prompt, negative_prompt, seed, num_images)
         return self._run(requests, settings, None, batch_size, on_progress, should_stop, trajectory)
 
@@ -167,13 +170,14 @@ class Pipeline:
                 guidance_scale: float | None = None, sampler: str | None = None,
                 seed: int | None = None, num_images: int = 1, batch_size: int | None = None,
                 width: int | None = None, height: int | None = None,
+                guidance_cap: float | None = None,
                 on_progress: ProgressFn | None = None, should_stop: StopFn | None = None,
                 trajectory: bool = False) -> list[Result]:
         """Image-to-image: the init image is encoded, noised to `strength` of the schedule and
         denoised with the prompt. strength 0 returns the (resized) input; 1 ignores it.
         The init image is scaled to cover width x height and centre-cropped (aspect kept).
         A list of init images gives one request per image (as loopback needs)."""
-        settings = self.settings(steps, guidance_scale, sampler, width, height)
+        settings = self.settings(steps, guidance_scale, sampler, width, height, guidance_cap)
         if not 0.0 <= float(strength) <= 1.0:
             raise InputError(f"strength must be between 0 and 1, got {strength}")
         inits = [prepare_init_image(im, settings.width, settings.height)
@@ -210,15 +214,22 @@ class Pipeline:
 
     def settings(self, steps: int | None = None, guidance_scale: float | None = None,
                  sampler: str | None = None, width: int | None = None,
-                 height: int | None = None) -> Settings:
-        """Settings with the model's defaults filled in, validated (InputError if bad)."""
+                 height: int | None = None, guidance_cap: float | None = None) -> Settings:
+        """Settings with the model's defaults filled in, validated (InputError if bad).
+        guidance_cap None is the model's own; math.inf turns the cap off."""
         d = self.components.defaults
+        if guidance_cap is None:
+            guidance_cap = d.guidance_cap
+        elif math.isinf(guidance_cap) and guidance_cap > 0:
+            guidance_cap = None
+        elif not guidance_cap >= 0:
+            raise InputError(f"guidance cap must be >= 0, got {guidance_cap}")
         s = Settings(steps=d.steps if steps is None else steps,
                      guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
                      sampler=samplers.resolve(sampler or d.sampler).name,
                      width=d.width if width is None else width,
                      height=d.height if height is None else height,
-                     guidance_cap=d.guidance_cap, guidance_cap_below=d.guidance_cap_below)
+                     guidance_cap=guidance_cap, guidance_cap_below=d.guidance_cap_below)
         if not isinstance(s.steps, int) or s.steps < 1:
             raise InputError(f"steps must be a whole number >= 1, got {s.steps}")
         # at as many steps as training timesteps, several diffusers schedulers index one past
