@@ -1,0 +1,32 @@
+"""The shipped `shapes` model itself: it loads through the generic loader, and its defaults draw
+what easy prompts ask for (a self-check of the committed weights, judged by the geometric judge)."""
+from __future__ import annotations
+
+import sdlab
+from sdlab.eval import draw_prompts, evaluate
+from sdlab.shapes.judge import is_right, judge, parse_prompt
+
+
+def test_embedded_model_defaults_draw_large_shapes_right():
+    pipe = sdlab.load("shapes", device="cpu")
+    d = pipe.components.defaults
+    assert (d.width, d.height) == (64, 64) and d.guidance_cap is not None
+    prompts = ["a large red circle in the center on a white background",
+               "a large blue square in the top left on a yellow background",
+               "a large black triangle in the bottom right on a green background",
+               "a large orange circle in the top right on a purple background"]
+    results = pipe.generate(prompts, seed=0)
+    right = [all(is_right(judge(r.pixels), parse_prompt(p)).values())
+             for r, p in zip(results, prompts)]
+    # measured: large shapes on full prompts are right in well over 0.9 of images
+    assert sum(right) >= 3, right
+    assert "CFG cap: 2 below t=0.6" in results[0].params.infotext()
+
+
+def test_embedded_model_follows_random_full_prompts():
+    import random
+    pipe = sdlab.load("shapes", device="cpu")
+    prompts = draw_prompts(random.Random(5), 24, "full")
+    # measured on 200 prompts: 0.85; 24 prompts swing by about +-0.07
+    accuracy = evaluate(pipe, prompts, seed=0).accuracy
+    assert accuracy >= 0.6, accuracy
