@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/sdlab generate "a large red circle in the top left on a blue background" \
 		--seed 0 --num-images 4 --out outputs
-	@echo "images are in $(CURDIR)/outputs (see 'sdlab info outputs/<file>.png')"
+	# the distilled few-step model: one UNet pass per step, 4 steps
+	$(BIN)/sdlab generate "a large red circle in the top left on a blue background" \
+		--model shapes-fast --seed 0 --num-images 4 --out outputs/fast
+	@echo "images are in $(CURDIR)/outputs and outputs/fast (see 'sdlab info outputs/<file>.png')"
 
 # The web page is tested in Debian's Chromium (driven by Playwright, no browser download).
 BROWSER := /usr/bin/chromium
