@@ -62,22 +62,26 @@ def measure(args) -> list[Row]:
     import sdlab
     from sdlab.eval import draw_prompts
     out = Path(args.out)
-    prompts = draw_prompts(random.Random(args.seed), args.n, "mixed")
+    prompts = draw_prompts(random.Random(args.seed), args.n, args.kind)
     common = {"batch_size": args.batch_size}
+    # the teacher at the guidance the students learned (None: the teacher's own default)
+    teacher_settings = dict(common)
+    if args.teacher_guidance is not None:
+        teacher_settings["guidance_scale"] = args.teacher_guidance
     rows: list[Row] = []
 
     teacher = sdlab.load(args.teacher, device=args.device)
     rows += sweep_rows("teacher DDIM", teacher, prompts, "steps", [1, 2, 4, 8, 50],
-                       out / "teacher_ddim", args.seed, sampler="ddim", **common)
-    rows += sweep_rows("teacher DPM++ 2M", teacher, prompts, "steps", [4, 8, 20],
-                       out / "teacher_dpmpp", args.seed, sampler="dpm++_2m", **common)
+                       out / "teacher_ddim", args.seed, sampler="ddim", **teacher_settings)
+    rows += sweep_rows("teacher DPM++ 2M", teacher, prompts, "steps", [2, 4, 8, 20],
+                       out / "teacher_dpmpp", args.seed, sampler="dpm++_2m", **teacher_settings)
     del teacher
 
     if args.guided:
         run = Path(args.guided)
         stage1 = sdlab.load(str(run / "stage1"), device=args.device)
         start = stage1.components.defaults.steps
-        rows += sweep_rows("guided stage 1", stage1, prompts, "steps", sorted({4, start}),
+        rows += sweep_rows("guided stage 1", stage1, prompts, "steps", sorted({1, 2, 4, 8, start}),
                            out / "guided_stage1", args.seed, **common)
         rounds = sorted((p for p in run.glob("round_*") if (p / "sdlab.json").exists()),
                         key=lambda p: -int(p.name.split("_")[1]))
@@ -97,14 +101,14 @@ def measure(args) -> list[Row]:
     return rows
 
 
-def markdown(rows: list[Row], n: int, seed: int) -> str:
+def markdown(rows: list[Row], n: int, seed: int, kind: str = "mixed") -> str:
     def fmt(x):
         return "n/a" if isinstance(x, float) and math.isnan(x) else (
             f"{x:.3f}" if isinstance(x, float) else str(x))
     header = ["method", "model", "sampler", "steps", "w", "UNet evals", "accuracy", "FD",
               "s/image"]
     lines = ["# Few-step generation on Shapes: teacher vs distilled students", "",
-             f"{n} prompts (mixed clauses), seed {seed}; the same prompts and seeds in every row. "
+             f"{n} prompts ({kind} clauses), seed {seed}; the same prompts and seeds in every row. "
              "Accuracy: every stated attribute seen by the judge. FD: Frechet distance of judge "
              "features to real renders (lower is better). UNet evals per image: a CFG step costs "
              "two, a distilled student's one. s/image includes judging.", "",
@@ -153,6 +157,10 @@ def main() -> None:
     p.add_argument("--lcm", default=None, help="model folder of `sdlab distill lcm`")
     p.add_argument("--n", type=int, default=200, help="prompts (one image each) per row")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=["full", "color_shape", "mixed"], default="mixed",
+                   help="prompt form (the issue's bar is on full prompts)")
+    p.add_argument("--teacher-guidance", type=float, default=None,
+                   help="the teacher's guidance scale (default: its own, with its cap)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/distill/report")
@@ -161,7 +169,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = measure(args)
     (out / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    (out / "report.md").write_text(markdown(rows, args.n, args.seed))
+    (out / "report.md").write_text(markdown(rows, args.n, args.seed, args.kind))
     plot(rows, out / "report.png")
     print((out / "report.md").read_text())
 
