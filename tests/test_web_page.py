@@ -97,18 +97,26 @@ def test_generate_shows_image_with_parameters_then_img2img(browser, server, page
     assert page.console_errors == []
 
 
-def test_progress_bar_and_interrupt(browser, server, page):
+def test_progress_bar_and_interrupt(browser, server, page, tiny_pipe):
+    import time
+
     from playwright.sync_api import expect
-    page.goto(server.url + "/")
-    expect(page.locator("#status")).to_have_text("ready")
-    page.select_option("#sampler", "Euler")
-    generate(page, "a slow one", steps=500)
-    expect(page.locator("#progress-text")).to_contain_text("step ")
-    assert float(page.eval_on_selector("#progress", "p => p.value")) > 0
-    page.click("#interrupt")
-    params = page.locator("#gallery figure pre.params").first
-    expect(params).to_contain_text("(interrupted)")
-    expect(page.locator("#status")).to_contain_text("interrupted")
+    # at least 20 ms a step, so the 500-step run (about 10 s) is still going when the button is
+    # clicked even on a busy machine; the interrupt ends it early
+    slow = tiny_pipe.components.unet.register_forward_pre_hook(lambda m, a: time.sleep(0.02))
+    try:
+        page.goto(server.url + "/")
+        expect(page.locator("#status")).to_have_text("ready")
+        page.select_option("#sampler", "Euler")
+        generate(page, "a slow one", steps=500)
+        expect(page.locator("#progress-text")).to_contain_text("step ")
+        assert float(page.eval_on_selector("#progress", "p => p.value")) > 0
+        page.click("#interrupt")
+        params = page.locator("#gallery figure pre.params").first
+        expect(params).to_contain_text("(interrupted)")
+        expect(page.locator("#status")).to_contain_text("interrupted")
+    finally:
+        slow.remove()
 
 
 def test_page_with_api_key(browser, keyed_server, page):
