@@ -8,7 +8,6 @@ never on the batch size, its place in the batch, or the device.
 from __future__ import annotations
 
 import math
-
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
