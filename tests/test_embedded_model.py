@@ -1,5 +1,6 @@
-"""The shipped `shapes` model itself: it loads through the generic loader, and its defaults draw
-what easy prompts ask for (a self-check of the committed weights, judged by the geometric judge)."""
+"""The shipped models themselves (`shapes` and its distilled `shapes-fast`): they load through
+the generic loader, and their defaults draw what prompts ask for (a self-check of the committed
+weights, judged by the geometric judge)."""
 from __future__ import annotations
 
 import sdlab
@@ -27,7 +28,7 @@ def test_embedded_model_follows_random_full_prompts():
     import random
     pipe = sdlab.load("shapes", device="cpu")
     prompts = draw_prompts(random.Random(5), 24, "full")
-    # measured on 200 prompts: 0.87; 24 prompts swing by about +-0.07
+    # measured on 200 prompts: 0.85-0.87; 24 prompts swing by about +-0.07
     accuracy = evaluate(pipe, prompts, seed=0).accuracy
     assert accuracy >= 0.6, accuracy
 
