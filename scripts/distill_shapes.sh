@@ -3,14 +3,14 @@
 # student it is compared with. Run from anywhere; rerunning continues where it stopped (finished
 # phases are skipped, an interrupted one resumes from its last checkpoint).
 #
-# Budget: about 60 min (guided) + 10 min (LCM) on one CPU core each. Measured per training step at batch 32
+# Budget: about 60 min (guided) + 20 min (LCM) on one CPU core each. Measured per training step at batch 32
 # on the embedded architecture (5.8M-param UNet, 8x8x4 latents), single-thread CPU seconds, and
 # the expected wall time on 2 cores (~1.8x faster; a forward+backward at batch 64: 0.9 s -> 0.5 s):
 #   guidance distillation  teacher CFG (one forward of 2x32) + student    0.83 s -> ~0.46 s
 #   progressive round      two teacher DDIM steps (2 forwards) + student   0.89 s -> ~0.49 s
 #   LCM                    teacher CFG + EMA-target forward + student      1.05 s -> ~0.58 s
 #   guided: 2500 + 1200 steps (measured ~1.05 s/step on one core)  ~61 min
-#   LCM:    1000 steps                         ~10 min
+#   LCM:    1000 steps (measured ~1.25 s/step on one core)          ~21 min
 #   + the training pool (2048 rendered scenes through the VAE, ~15 s, built once, shared)
 #   + loading, exports, checkpoints            <1 min
 # Then measure_distill.py (not in the training budget): ~5 min for 200 prompts per row.

@@ -3,13 +3,22 @@ the generic loader, and their defaults draw what prompts ask for (a self-check o
 weights, judged by the geometric judge)."""
 from __future__ import annotations
 
+import random
+
+import pytest
+
 import sdlab
 from sdlab.eval import draw_prompts, evaluate
 from sdlab.shapes.judge import is_right, judge, parse_prompt
 
 
-def test_embedded_model_defaults_draw_large_shapes_right():
-    pipe = sdlab.load("shapes", device="cpu")
+@pytest.fixture(scope="module")
+def shapes():
+    return sdlab.load("shapes", device="cpu")
+
+
+def test_embedded_model_defaults_draw_large_shapes_right(shapes):
+    pipe = shapes
     d = pipe.components.defaults
     assert (d.width, d.height) == (64, 64) and d.guidance_cap is not None
     prompts = ["a large red circle in the center on a white background",
@@ -24,9 +33,8 @@ def test_embedded_model_defaults_draw_large_shapes_right():
     assert "CFG cap: 1.5 below t=0.6" in results[0].params.infotext()
 
 
-def test_embedded_model_follows_random_full_prompts():
-    import random
-    pipe = sdlab.load("shapes", device="cpu")
+def test_embedded_model_follows_random_full_prompts(shapes):
+    pipe = shapes
     prompts = draw_prompts(random.Random(5), 24, "full")
     # measured on 200 prompts: 0.85-0.87; 24 prompts swing by about +-0.07
     accuracy = evaluate(pipe, prompts, seed=0).accuracy
@@ -34,7 +42,6 @@ def test_embedded_model_follows_random_full_prompts():
 
 
 def test_embedded_fast_model_draws_in_four_single_pass_steps():
-    import random
     pipe = sdlab.load("shapes-fast", device="cpu")
     d = pipe.components.defaults
     assert pipe.components.unet.config.time_cond_proj_dim is not None

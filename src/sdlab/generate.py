@@ -219,7 +219,7 @@ class Pipeline:
         d = self.components.defaults
         if guidance_cap is None:
             guidance_cap = d.guidance_cap
-        elif math.isinf(guidance_cap) and guidance_cap > 0:
+        elif guidance_cap == math.inf:
             guidance_cap = None
         elif not guidance_cap >= 0:
             raise InputError(f"guidance cap must be >= 0, got {guidance_cap}")
