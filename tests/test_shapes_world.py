@@ -105,21 +105,3 @@ def test_invalid_scene():
         Scene("hexagon", "red", "large", "center", "blue", 32, (32, 32))
     with pytest.raises(InputError):
         Scene("circle", "red", "large", "center", "red", 32, (32, 32))
-
-
-def test_generic_codec_images_are_one_solid_hole_free_object_and_never_the_spec_star():
-    from sdlab.shapes.generic import _is_spec_star, random_polygon, render_generic_set
-    images = render_generic_set(40, seed=3)
-    assert images.shape == (40, 64, 64, 3) and images.dtype == np.uint8
-    assert np.array_equal(images, render_generic_set(40, seed=3))  # reproducible from the seed
-    for img in images:
-        corners = {tuple(img[y, x]) for y in (0, -1) for x in (0, -1)}
-        assert len(corners) == 1  # one background colour, the object inside the canvas
-    # the spec's star proportions are redrawn, other ten-vertex polygons are kept
-    star_radii = np.array([10, 4.5] * 5, dtype=float)
-    assert _is_spec_star(10, star_radii) and not _is_spec_star(10, np.full(10, 10.0))
-    rng = random.Random(0)
-    for _ in range(200):
-        poly = random_polygon(rng, 32, 32, 15)
-        radii = np.hypot(poly[:, 0] - 32, poly[:, 1] - 32)
-        assert not _is_spec_star(len(poly), radii)

@@ -46,12 +46,6 @@ class BaseConfig:
     decoder_object_weight: float = 4.0
     decoder_edge_weight: float = 4.0  # the object's outline decides its judged shape
     decoder_latent_noise: float = 0.15  # half the batches: z + N(0, (U*this)^2), U ~ U(0,1)
-    # general codec: encoder and decoder also learn random polygons (generic.py), while the
-    # encoder's latents of the world's renders are anchored, so the trained UNet stays valid
-    codec_steps: int = 0
-    codec_lr: float = 1e-4
-    codec_generic_images: int = 10000
-    codec_anchor_weight: float = 10.0
     # text encoder (CLIP architecture, CLIP's BPE vocabulary)
     text_hidden: int = 64
     text_layers: int = 3
@@ -73,7 +67,7 @@ class BaseConfig:
     default_steps: int = 20
     default_guidance_scale: float = 3.0
     name: str = "shapes"
-    stages: tuple[str, ...] = ("data", "vae", "latents", "decoder", "codec", "unet", "export")
+    stages: tuple[str, ...] = ("data", "vae", "latents", "decoder", "unet", "export")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "BaseConfig":
@@ -295,74 +289,8 @@ def _outline(mask: torch.Tensor) -> torch.Tensor:
     return grown - shrunk
 
 
-def stage_codec(cfg: BaseConfig, out: Path, resume: bool) -> None:
-    """Make the VAE a general codec, as Stable Diffusion's is: it learns random polygons and
-    ellipses besides the world's renders, so Dreambooth can later teach the UNet a shape (a star)
-    whose latents this VAE can decode. The world's latents are anchored to the precomputed ones
-    (latents.pt), so the UNet trained on them needs no retraining."""
-    final = out / "vae_codec"
-    if cfg.codec_steps == 0 or (final / "config.json").exists():
-        return
-    from diffusers import AutoencoderKL
-    from sdlab.shapes.generic import render_generic_set
-    accelerator = _accelerator()
-    torch.manual_seed(cfg.seed)
-    generic_path = out / "generic.npz"
-    if not generic_path.exists() and accelerator.is_main_process:
-        np.savez(generic_path, images=render_generic_set(cfg.codec_generic_images, cfg.seed + 7))
-    accelerator.wait_for_everyone()
-    generic = np.load(generic_path)["images"]
-    vae = AutoencoderKL.from_pretrained(_vae_before_codec(out))
-    scaling = vae.config.scaling_factor
-    vae = accelerator.prepare(vae)
-    latents = torch.load(out / "latents.pt")  # scaled encoder means of data.npz
-    images = np.load(out / "data.npz")["images"]
-    gen = np.random.default_rng(cfg.seed + 2 + accelerator.process_index)
-    half = cfg.vae_batch // 2
-
-    def batches():
-        while True:
-            idx = gen.integers(0, len(images), half)
-            x = images_to_tensor(np.concatenate([images[idx], generic[gen.integers(0, len(generic), half)]]))
-            yield x.to(accelerator.device), latents[idx].to(accelerator.device)
-
-    def loss_fn(batch, step):
-        x, anchor = batch
-        model = accelerator.unwrap_model(vae)
-        dist = model.encode(x).latent_dist
-        z = dist.mean
-        sigma = torch.rand(z.shape[0], 1, 1, 1) * (torch.rand(z.shape[0], 1, 1, 1) < 0.5) * cfg.decoder_latent_noise / scaling
-        recon = model.decode(z + sigma.to(z.device) * torch.randn_like(z)).sample
-        is_object = ((x - x[:, :, :1, :1]).abs().amax(dim=1, keepdim=True) > 0.1).float()
-        weight = 1 + cfg.decoder_object_weight * is_object + cfg.decoder_edge_weight * _outline(is_object)
-        err = recon - x
-        drift = torch.nn.functional.mse_loss(z[: len(anchor)] * scaling, anchor)
-        return ((weight * (err.abs() + err.pow(2))).mean() + cfg.codec_anchor_weight * drift
-                + cfg.vae_kl_weight * dist.kl().mean())
-
-    lc = loop.LoopConfig(steps=cfg.codec_steps, out_dir=out / "codec_run", lr=cfg.codec_lr,
-                         warmup_steps=20, cosine_decay=True, desc="codec",
-                         checkpoint_minutes=cfg.checkpoint_minutes, resume=resume)
-    loop.run(lc, accelerator, list(vae.parameters()), batches(), loss_fn)
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(vae).eval()
-        with torch.no_grad():
-            x = images_to_tensor(images[:512])
-            z = torch.cat([model.encode(c).latent_dist.mean for c in x.split(128)]) * scaling
-            drift = (z - latents[:512]).pow(2).mean().sqrt().item()
-        model.save_pretrained(final)
-        (out / "codec_report.json").write_text(json.dumps(
-            {"anchor_rms_drift_scaled_latents": drift, "latent_std": latents[:512].std().item()}))
-        print(f"codec: rms drift of the world's latents {drift:.4f} (their std {latents[:512].std():.3f})")
-    accelerator.wait_for_everyone()
-
-
-def _vae_before_codec(out: Path) -> Path:
-    return out / "vae_tuned" if (out / "vae_tuned" / "config.json").exists() else out / "vae"
-
-
 def trained_vae_dir(out: Path) -> Path:
-    return out / "vae_codec" if (out / "vae_codec" / "config.json").exists() else _vae_before_codec(out)
+    return out / "vae_tuned" if (out / "vae_tuned" / "config.json").exists() else out / "vae"
 
 
 class CaptionTokens:
@@ -489,7 +417,6 @@ def train_base(cfg: BaseConfig, resume: bool = False) -> Path:
     stage_fns = {"data": lambda: stage_data(cfg, out), "vae": lambda: stage_vae(cfg, out, resume),
                  "latents": lambda: stage_latents(cfg, out),
                  "decoder": lambda: stage_decoder(cfg, out, resume),
-                 "codec": lambda: stage_codec(cfg, out, resume),
                  "unet": lambda: stage_unet(cfg, out, resume),
                  "export": lambda: export_model_folder(cfg, out, out / "unet_ema", out / "model")}
     for name in cfg.stages:
