@@ -15,7 +15,7 @@ import sdlab
 from sdlab import personalize
 from sdlab.errors import InputError, ModelLoadError
 from sdlab.train import data
-from sdlab.train.dreambooth import DreamboothConfig, class_folder, train_dreambooth
+from sdlab.train.dreambooth import WORLD_PROMPT, DreamboothConfig, class_folder, train_dreambooth
 from sdlab.train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
 from conftest import make_tiny_sd_folder
@@ -160,6 +160,8 @@ def test_lora_file_loads_with_a_weight(model, lora_run):
     with safe_open(str(out), "pt") as f:
         keys = list(f.keys())
     assert any(k.startswith("unet.") and ".to_q.lora.down.weight" in k for k in keys)
+    # a small model: the ResNet convolutions get adapters too (UNET_LORA_TARGETS_SMALL)
+    assert any(k.startswith("unet.") and ".resnets.0.conv1.lora" in k for k in keys)
     assert any(k.startswith("text_encoder.text_model.encoder.") for k in keys)
     # a small model: the VAE decoder is adapted too (sdlab.train.dreambooth.DECODER)
     assert any(k.startswith("vae.decoder.") and ".conv1.lora" in k for k in keys)
@@ -232,6 +234,11 @@ def test_class_images_are_generated_once_and_cached(lora_run):
     folder = class_folder(cfg, 2)
     assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00001.png", "done.json"]
     assert "a dog" in Image.open(folder / "00000.png").info["parameters"]
+    # small models: prior preservation also replays samples of random Shapes captions
+    world = class_folder(cfg, 2, prompt=WORLD_PROMPT)
+    captions = [(world / f"0000{i}.txt").read_text() for i in range(2)]
+    assert all(c.startswith(("a ", "an ")) for c in captions)
+    assert captions[0] in Image.open(world / "00000.png").info["parameters"]
 
 
 # --- Dreambooth -----------------------------------------------------------------------------
@@ -351,3 +358,4 @@ def test_server_loads_embedding_and_lora(model, ti_run, lora_run):
                              guidance_scale=5)[0].image
     same = np.asarray(same.convert("RGB")).astype(int)
     assert np.abs(same - served.astype(int)).max() <= 1  # the server runs the CLI's pipeline
+

@@ -61,6 +61,9 @@ def register_all(recipes) -> None:
                     help="also fine-tune the VAE decoder on the images (default: on for the small "
                          "Shapes models, whose VAE never saw shapes outside their world)")
     db.add_argument("--decoder-lr", type=float, default=None, help="default 3e-4")
+    db.add_argument("--world-prior", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --prior-preservation, also replay the model's own samples of "
+                         "random Shapes captions (default: on for the small Shapes models)")
     db.add_argument("--save-dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
     db.add_argument("--out", required=True, metavar="DIR",
                     help="model folder (full) or folder of the LoRA file (--lora)")
