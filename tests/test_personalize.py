@@ -359,3 +359,27 @@ def test_server_loads_embedding_and_lora(model, ti_run, lora_run):
     same = np.asarray(same.convert("RGB")).astype(int)
     assert np.abs(same - served.astype(int)).max() <= 1  # the server runs the CLI's pipeline
 
+
+
+def test_decoder_sees_two_tone_images_on_every_other_palette_background(model):
+    from sdlab.shapes.world import PALETTE, Scene, render
+    from sdlab.train.dreambooth import on_other_backgrounds
+    from sdlab.train.personal import ImageSet
+    star = render(Scene("star", "yellow", "large", "center", "red", 32, (32, 32)))
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    pixels_ = torch.stack([data.to_tensor(Image.fromarray(a)) for a in (star, noise)])[:, None]
+    images = ImageSet(torch.zeros(2, 1, 4, 8, 8), [None, None], data.Sampler(2), pixels_)
+    variants = on_other_backgrounds(images, sdlab.load(str(model), device="cpu").components.vae)
+    # the two originals, then the star on the 6 colours that are neither yellow nor red
+    assert variants.pixels.shape[:2] == (8, 1) and variants.latents.shape[:2] == (8, 1)
+    as_uint8 = ((variants.pixels[:, 0] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    corners = [tuple(int(v) for v in img[0, 0]) for img in as_uint8[2:]]
+    assert sorted(corners) == sorted(c for name, c in PALETTE.items() if name not in ("yellow", "red"))
+    inside = star.astype(int)[32, 32]
+    assert all(np.abs(img[32, 32].astype(int) - inside).max() <= 1 for img in as_uint8[2:])
+    edge = (star[..., 1].astype(int) - PALETTE["red"][1]) / (PALETTE["yellow"][1] - PALETTE["red"][1])
+    mixed = (edge > 0.1) & (edge < 0.9)  # anti-aliased edge pixels keep their coverage
+    others = [name for name in PALETTE if name not in ("yellow", "red")]  # in palette order
+    blue = as_uint8[2 + others.index("blue")]
+    expect = edge[..., None] * np.array(PALETTE["yellow"]) + (1 - edge[..., None]) * np.array(PALETTE["blue"])
+    assert mixed.any() and np.abs(blue[mixed] - expect[mixed]).max() <= 3
