@@ -29,7 +29,8 @@ decoder adapters to its file under `vae.` keys. There, prior preservation also r
 own samples of random Shapes captions (--world-prior, see WORLD_PRIOR), and LoRA adapters cover
 the UNet's convolutions as well as its attention (UNET_LORA_TARGETS_SMALL).
 
-Defaults (see sdlab.train.personal): small models 300 steps, batch 8 (+8 class), lr 1e-4 full /
+Defaults (see sdlab.train.personal): small models 300 steps, batch 8 (+8 class, +8 world samples
+with prior preservation), lr 1e-4 full /
 1e-3 LoRA, 64 class images; 512 px models 400 steps lr 5e-6 full, 500 steps lr 1e-4 LoRA, batch 1,
 100 class images.
 """

@@ -5,10 +5,11 @@ Defaults depend on the model's size, read from its resolution (the model's defau
 
   recipe              small (<= 128 px: the embedded Shapes models)   real (SD 1.x/2.x, 512 px)
   textual inversion   400 steps, lr 5e-3, batch 16, 2 vectors         2000 steps, lr 5e-4, batch 1, 1 vector
-  dreambooth          300 steps, lr 1e-4, batch 8 (+8 class)          400 steps, lr 5e-6, batch 1
-  dreambooth --lora   300 steps, lr 1e-3, batch 8 (+8 class)          500 steps, lr 1e-4, batch 1
-  class images        64                                              100
+  dreambooth          300 steps, lr 1e-4, batch 8 (+8 class +8 world) 400 steps, lr 5e-6, batch 1
+  dreambooth --lora   300 steps, lr 1e-3, batch 8 (+8 class +8 world) 500 steps, lr 1e-4, batch 1
+  class images        64 (+64 world samples, with prior preservation)  100
   dreambooth decoder  VAE decoder tuned too (lr 3e-4; LoRA rank 16)   off (SD's VAE draws anything)
+  LoRA targets        attention, transformer projections, ResNet convs attention (to_q/k/v/out)
 
 The real-model column is the usual one (diffusers' examples). The small column keeps each recipe
 well under 10 minutes on 2 CPU cores for the 64x64 model: the base recipe's UNet + text encoder
