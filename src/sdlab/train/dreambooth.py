@@ -158,21 +158,7 @@ def ensure_class_images(s: Session, cfg: DreamboothConfig, prompt: str | None = 
     prompt = cfg.class_prompt if prompt is None else prompt
     n = cfg.num_class_images or CLASS_IMAGES[s.scale]
     folder = class_folder(cfg, n, prompt)
-    if s.accelerator.is_main_process and not (folder / DONE_FILE).exists():
-        from tqdm.auto import tqdm
-
-        from sdlab.images import save_png
-        folder.mkdir(parents=True, exist_ok=True)
-        batch = max(4, cfg.batch_size)
-        for start in tqdm(range(0, n, batch), desc="class images", dynamic_ncols=True):
-            with s.accelerator.autocast():
-                results = s.pipe.generate(prompt, seed=cfg.seed + start,
-                                          num_images=min(batch, n - start))
-            for k, r in enumerate(results):
-                save_png(r.image, folder / f"{start + k:05d}.png", r.params.infotext())
-        (folder / DONE_FILE).write_text(json.dumps({"model": cfg.model, "prompt": prompt,
-                                                    "n": n, "seed": cfg.seed}))
-    s.accelerator.wait_for_everyone()
+    _generate_once(s, cfg, folder, [prompt] * n, {"prompt": prompt}, "class images")
     return folder
 
 
@@ -184,23 +170,31 @@ def ensure_world_images(s: Session, cfg: DreamboothConfig) -> Path:
     from sdlab.eval.evaluate import draw_prompts
     n = cfg.num_class_images or CLASS_IMAGES[s.scale]
     folder = class_folder(cfg, n, prompt=WORLD_PROMPT)
+    prompts = draw_prompts(random.Random(cfg.seed), n, "mixed")
+    _generate_once(s, cfg, folder, prompts, {"prompts": "world"}, "world images", captions=True)
+    return folder
+
+
+def _generate_once(s: Session, cfg: DreamboothConfig, folder: Path, prompts: list[str],
+                   record: dict, desc: str, captions: bool = False) -> None:
+    """One image per prompt (image k at seed + k) into folder, unless done.json says it is
+    there; the main process generates, the others wait."""
     if s.accelerator.is_main_process and not (folder / DONE_FILE).exists():
         from tqdm.auto import tqdm
 
         from sdlab.images import save_png
         folder.mkdir(parents=True, exist_ok=True)
-        prompts = draw_prompts(random.Random(cfg.seed), n, "mixed")
         batch = max(4, cfg.batch_size)
-        for start in tqdm(range(0, n, batch), desc="world images", dynamic_ncols=True):
+        for start in tqdm(range(0, len(prompts), batch), desc=desc, dynamic_ncols=True):
             with s.accelerator.autocast():
                 results = s.pipe.generate(prompts[start:start + batch], seed=cfg.seed + start)
             for k, r in enumerate(results):
                 save_png(r.image, folder / f"{start + k:05d}.png", r.params.infotext())
-                (folder / f"{start + k:05d}.txt").write_text(prompts[start + k])
-        (folder / DONE_FILE).write_text(json.dumps({"model": cfg.model, "prompts": "world", "n": n,
-                                                    "seed": cfg.seed}))
+                if captions:
+                    (folder / f"{start + k:05d}.txt").write_text(prompts[start + k])
+        (folder / DONE_FILE).write_text(json.dumps({"model": cfg.model, **record,
+                                                    "n": len(prompts), "seed": cfg.seed}))
     s.accelerator.wait_for_everyone()
-    return folder
 
 
 def on_other_backgrounds(images: ImageSet, vae) -> ImageSet:
