@@ -361,10 +361,9 @@ def test_server_loads_embedding_and_lora(model, ti_run, lora_run):
 
 
 
-def test_decoder_sees_two_tone_images_on_every_other_palette_background(model):
+def test_two_tone_images_on_every_other_palette_background(model):
     from sdlab.shapes.world import PALETTE, Scene, render
-    from sdlab.train.dreambooth import on_other_backgrounds
-    from sdlab.train.personal import ImageSet
+    from sdlab.train.personal import ImageSet, on_other_backgrounds
     star = render(Scene("star", "yellow", "large", "center", "red", 32, (32, 32)))
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     pixels_ = torch.stack([data.to_tensor(Image.fromarray(a)) for a in (star, noise)])[:, None]
@@ -383,3 +382,10 @@ def test_decoder_sees_two_tone_images_on_every_other_palette_background(model):
     blue = as_uint8[2 + others.index("blue")]
     expect = edge[..., None] * np.array(PALETTE["yellow"]) + (1 - edge[..., None]) * np.array(PALETTE["blue"])
     assert mixed.any() and np.abs(blue[mixed] - expect[mixed]).max() <= 3
+    assert variants.captions == [None] * 8  # no caption template: the recipe's prompt
+    # with a template (textual inversion): every two-tone image is captioned by its background
+    captioned = on_other_backgrounds(images, sdlab.load(str(model), device="cpu").components.vae,
+                                     caption="a {{}} on {an} {background} background")
+    assert captioned.captions[:2] == ["a {} on a red background", None]
+    assert captioned.captions[2 + others.index("orange")] == "a {} on an orange background"
+    assert [c.split()[-2] for c in captioned.captions[2:]] == others

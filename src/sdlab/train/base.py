@@ -60,6 +60,9 @@ class BaseConfig:
     caption_dropout: float = 0.1
     clause_keep: float = 0.5
     tag_caption_prob: float = 0.0  # share of captions that are tag lists (`blue, circle`)
+    # a model (name or folder) whose UNet and text encoder the UNet stage starts from instead of
+    # random weights: a fine-tune of a trained model (its VAE must be this run's)
+    unet_init: str | None = None
     ema_decay: float = 0.999
     checkpoint_minutes: float = 5.0
     # defaults written into the model for `sdlab generate`
@@ -333,7 +336,9 @@ def stage_unet(cfg: BaseConfig, out: Path, resume: bool) -> None:
     latents = torch.load(out / "latents.pt")
     scenes = load_scenes(out)
     noise_scheduler = DDPMScheduler.from_config(scheduler_config())
-    unet, text_encoder = accelerator.prepare(make_unet(cfg), make_text_encoder(cfg))
+    unet, text_encoder = accelerator.prepare(*(trained_unet_and_text_encoder(cfg.unet_init)
+                                               if cfg.unet_init else
+                                               (make_unet(cfg), make_text_encoder(cfg))))
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = loop.EMA(params, cfg.ema_decay)
     accelerator.register_for_checkpointing(ema)
@@ -364,6 +369,17 @@ def stage_unet(cfg: BaseConfig, out: Path, resume: bool) -> None:
                                                            ema, out / "unet_latest"))
     loop.run(lc, accelerator, params, batches(), loss_fn, hooks)
     _export_ema(cfg, out, accelerator, unet, text_encoder, ema, final)
+
+
+def trained_unet_and_text_encoder(model: str):
+    """A trained model's UNet and text encoder in fp32, to fine-tune."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sdlab.components import resolve_model_path
+    path = resolve_model_path(model)
+    return (UNet2DConditionModel.from_pretrained(path / "unet").float(),
+            CLIPTextModel.from_pretrained(path / "text_encoder").float())
 
 
 def _export_ema(cfg, out, accelerator, unet, text_encoder, ema, dest: Path) -> None:

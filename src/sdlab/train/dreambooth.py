@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 from sdlab.errors import InputError
-from sdlab.train.personal import CLASS_IMAGES, ImageSet, Session, TrainConfig, format_caption
+from sdlab.train.personal import (CLASS_IMAGES, ImageSet, Session, TrainConfig, format_caption,
+                                 on_other_backgrounds)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -195,34 +196,6 @@ def _generate_once(s: Session, cfg: DreamboothConfig, folder: Path, prompts: lis
         (folder / DONE_FILE).write_text(json.dumps({"model": cfg.model, **record,
                                                     "n": len(prompts), "seed": cfg.seed}))
     s.accelerator.wait_for_everyone()
-
-
-def on_other_backgrounds(images: ImageSet, vae) -> ImageSet:
-    """The images plus, for each two-tone one, its copies on every other palette background
-    (anti-aliased edges re-blended), encoded by the (frozen) VAE."""
-    from sdlab.shapes.world import PALETTE
-    from sdlab.train import data
-    palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 127.5 - 1
-    pixels = images.pixels.flatten(0, 1)  # (N * views, 3, H, W)
-    out = [pixels]
-    for x in pixels:
-        bg = x[:, 0, 0]
-        dist = (x - bg[:, None, None]).norm(dim=0)
-        fg = x[:, dist == dist.max()][:, 0]
-        axis = fg - bg
-        cover = ((x - bg[:, None, None]) * axis[:, None, None]).sum(0) / axis.dot(axis).clamp_min(1e-6)
-        cover = cover.clamp(0, 1)[None]
-
-        def on(background: torch.Tensor) -> torch.Tensor:
-            return cover * fg[:, None, None] + (1 - cover) * background[:, None, None]
-        if (on(bg) - x).abs().max() > 0.1:  # not one object on one flat background
-            continue
-        used = {int((palette - c).norm(dim=1).argmin()) for c in (fg, bg)}
-        out += [on(palette[k])[None] for k in range(len(palette)) if k not in used]
-    pixels = torch.cat(out)
-    latents = data.encode_latents(vae, pixels, flip=False)
-    return ImageSet(latents, [None] * len(pixels),
-                    data.Sampler(len(pixels), 1, images.sampler.seed + 3), pixels[:, None])
 
 
 # --- models ---------------------------------------------------------------------------------

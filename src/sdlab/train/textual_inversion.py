@@ -28,11 +28,16 @@ import torch
 
 from sdlab import personalize
 from sdlab.errors import InputError
-from sdlab.train.personal import Session, TrainConfig, format_caption
+from sdlab.train.personal import Session, TrainConfig, format_caption, on_other_backgrounds
 
 SMALL_TEMPLATES = ("a {}",)
 PHOTO_TEMPLATES = ("a {}", "{}", "an image of a {}", "a photo of a {}")
 EMBEDDING_FILE = "learned_embeds.safetensors"
+# On the small models each two-tone image (without a caption file) is captioned by its background
+# and also shown on every other palette background: with `a {}` alone the token absorbs the
+# training images' backgrounds and `a <gt> on a white background` fights it (measured, 32 seeds:
+# 0.41 right with `a {}`, 0.66 with background captions).
+BACKGROUND_CAPTIONS = {"small": "a {{}} on {an} {background} background", "sd": None}
 
 
 @dataclass
@@ -76,6 +81,8 @@ def train_textual_inversion(cfg: TextualInversionConfig) -> Path:
     cfg.out = str(out_file)
     s = Session(cfg, "textual_inversion", out_file.parent)
     images = s.load_images(cfg.images)
+    if not cfg.caption_templates and BACKGROUND_CAPTIONS[s.scale]:
+        images = on_other_backgrounds(images, s.components.vae, BACKGROUND_CAPTIONS[s.scale])
     te = s.components.text_encoder
 
     tok = personalize.expanding_tokenizer(s.pipe)
