@@ -69,6 +69,8 @@ class BaseConfig:
     default_sampler: str = "dpm++_2m"
     default_steps: int = 20
     default_guidance_scale: float = 3.0
+    default_guidance_cap: float | None = None  # guidance at most this below t = cap_below * 1000
+    default_guidance_cap_below: float = 0.7
     name: str = "shapes"
     stages: tuple[str, ...] = ("data", "vae", "latents", "decoder", "unet", "export")
 
@@ -418,6 +420,9 @@ def export_model_folder(cfg: BaseConfig, out: Path, weights: Path, dest: Path,
     (dest / "model_index.json").write_text(json.dumps(index, indent=2))
     defaults = {"sampler": cfg.default_sampler, "steps": cfg.default_steps,
                 "guidance_scale": cfg.default_guidance_scale, "width": 64, "height": 64}
+    if cfg.default_guidance_cap is not None:
+        defaults.update(guidance_cap=cfg.default_guidance_cap,
+                        guidance_cap_below=cfg.default_guidance_cap_below)
     # `stages` says which stages one invocation ran, not how the model was made
     recipe = {k: v for k, v in asdict(cfg).items() if k != "stages"}
     (dest / "sdlab.json").write_text(json.dumps({"name": cfg.name, "defaults": defaults,

@@ -9,7 +9,9 @@ The result is `learned_embeds.safetensors` in diffusers' format ({token: (N, dim
 `--embedding FILE` loads (and diffusers' load_textual_inversion too).
 
 Training prompts come from caption templates, `{}` being the token: "a {}" for the small Shapes
-models (their text encoder knows only the caption grammar `a [size] colour shape ...`), and
+models (their text encoder knows only the caption grammar `a [size] colour shape ...`; there
+one-object images are captioned with their background and copied onto the other backgrounds,
+see BACKGROUND_CAPTIONS), and
 "a {}", "{}", "an image of a {}", "a photo of a {}" for real models; `--caption-template`
 (repeatable) replaces them, and a caption file beside an image (`img.txt`) is used for that image.
 An N-vector token `<x>` is `<x> <x>_1 ... <x>_{N-1}` in the tokenizer; prompts only say `<x>`.
@@ -36,7 +38,7 @@ EMBEDDING_FILE = "learned_embeds.safetensors"
 # On the small models each two-tone image (without a caption file) is captioned by its background
 # and also shown on every other palette background: with `a {}` alone the token absorbs the
 # training images' backgrounds and `a <gt> on a white background` fights it (measured, 32 seeds:
-# 0.41 right with `a {}`, 0.66 with background captions).
+# 0.41 right with `a {}`, 0.66 with background captions, 0.875 with the copies too).
 BACKGROUND_CAPTIONS = {"small": "a {{}} on {an} {background} background", "sd": None}
 
 
