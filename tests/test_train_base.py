@@ -52,6 +52,25 @@ def test_train_base_writes_a_loadable_model_and_resumes(tmp_path):
     steps = [json.loads(line)["step"] for line in
              (tmp_path / "run" / "unet_run" / "loss.jsonl").read_text().splitlines()]
     assert steps[-1] == 5 and steps.count(3) == 1
+    # fine-tune: the UNet stage starts from a trained model's UNet and text encoder
+    import shutil
+    from diffusers import UNet2DConditionModel
+    init = shutil.copytree(model, tmp_path / "init")
+    moved = UNet2DConditionModel.from_pretrained(init / "unet")
+    for p in moved.parameters():  # unlike any fresh or briefly trained UNet
+        p.data += 0.1
+    moved.save_pretrained(init / "unet")
+    for done in ("unet_ema", "unet_run"):
+        shutil.rmtree(tmp_path / "run" / done)
+    cfg3 = _config(tmp_path, stages=["unet", "export"], unet_init=str(init), unet_lr=1e-9,
+                   tag_caption_prob=0.5, default_guidance_cap=1.5, default_guidance_cap_below=0.6)
+    r = _sdlab("train", "base", "--config", str(cfg3))
+    assert r.returncode == 0, r.stderr[-2000:]
+    tuned, start = (sdlab.load(str(m), device="cpu").components for m in (model, init))
+    for a, b in ((tuned.unet, start.unet), (tuned.text_encoder, start.text_encoder)):
+        diffs = [(p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())]
+        assert max(diffs) < 1e-3  # 3 steps at lr 1e-9 from the init, not from random weights
+    assert (tuned.defaults.guidance_cap, tuned.defaults.guidance_cap_below) == (1.5, 0.6)
 
 
 def test_two_processes_under_accelerate(tmp_path):
