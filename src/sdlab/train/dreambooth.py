@@ -48,7 +48,7 @@ import torch
 
 from sdlab.errors import InputError
 from sdlab.train.personal import (CLASS_IMAGES, ImageSet, Session, TrainConfig, format_caption,
-                                 on_other_backgrounds)
+                                 on_other_backgrounds, with_background_captions)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -83,6 +83,10 @@ DECODER_BACKGROUNDS = True
 # from the tuned UNet; 0.69-0.75 with these samples). They are the decoder's preservation set too.
 WORLD_PRIOR = {"small": True, "sd": False}
 WORLD_PROMPT = "shapes world captions"  # the cache key of those samples
+# On the small models one-object instance images without caption files are captioned
+# `INSTANCE_PROMPT on a BACKGROUND background`, so the instance prompt need not carry the
+# backgrounds the images happened to have (as for textual inversion)
+BACKGROUND_CAPTIONS = {"small": "{{}} on {an} {background} background", "sd": None}
 # With --lora the decoder gets adapters too, of this rank, on every conv and attention projection
 # of its blocks; they go into the LoRA file under `vae.` keys (read by sdlab; diffusers' loader
 # knows only unet./text_encoder.)
@@ -262,6 +266,8 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     s = Session(cfg, "lora" if cfg.lora else "dreambooth", out)
     _check_out_is_not_source(cfg)
     instance = s.load_images(cfg.images)
+    if BACKGROUND_CAPTIONS[s.scale]:
+        instance = with_background_captions(instance, BACKGROUND_CAPTIONS[s.scale])
     prior = None
     if cfg.prior_preservation:
         prior = s.load_images(ensure_class_images(s, cfg), seed_offset=1)

@@ -131,6 +131,45 @@ class ImageSet:
     pixels: torch.Tensor  # (N, views, 3, H, W) in [-1, 1]: what a decoder fine-tune reconstructs
 
 
+def _palette() -> tuple[list[str], torch.Tensor]:
+    from sdlab.shapes.world import PALETTE
+    return list(PALETTE), torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 127.5 - 1
+
+
+def _two_tone(x: torch.Tensor, palette: torch.Tensor):
+    """(object colour index, background index, recolour function) of an image that is one
+    object on one flat palette background (anti-aliased edges allowed), else None."""
+    bg = x[:, 0, 0]
+    dist = (x - bg[:, None, None]).norm(dim=0)
+    fg = x[:, dist == dist.max()][:, 0]
+    axis = fg - bg
+    cover = ((x - bg[:, None, None]) * axis[:, None, None]).sum(0) / axis.dot(axis).clamp_min(1e-6)
+    cover = cover.clamp(0, 1)[None]
+
+    def on(background: torch.Tensor) -> torch.Tensor:
+        return cover * fg[:, None, None] + (1 - cover) * background[:, None, None]
+    if (on(bg) - x).abs().max() > 0.1:
+        return None
+    fg_k, bg_k = (int((palette - c).norm(dim=1).argmin()) for c in (fg, bg))
+    return fg_k, bg_k, on
+
+
+def _background_caption(template: str | None, name: str) -> str | None:
+    return template.format(an="an" if name[0] in "aeiou" else "a", background=name) if template else None
+
+
+def with_background_captions(images: ImageSet, template: str) -> ImageSet:
+    """The same images, each two-tone one without a caption file captioned by its background's
+    palette name through `template` (`{{}} on {an} {background} background`)."""
+    names, palette = _palette()
+    captions = list(images.captions)
+    for i, x in enumerate(images.pixels[:, 0]):
+        seen = _two_tone(x, palette)
+        if captions[i] is None and seen is not None:
+            captions[i] = _background_caption(template, names[seen[1]])
+    return ImageSet(images.latents, captions, images.sampler, images.pixels)
+
+
 def on_other_backgrounds(images: ImageSet, vae, caption: str | None = None) -> ImageSet:
     """The images plus, for each two-tone one, its copies on every other palette background
     (anti-aliased edges re-blended), encoded by the (frozen) VAE.
@@ -138,34 +177,20 @@ def on_other_backgrounds(images: ImageSet, vae, caption: str | None = None) -> I
     With `caption` (a template such as `a {{}} on {an} {background} background`), each two-tone
     image without a caption file is captioned with its background's palette name, and so is
     each copy: the learned token then need not carry the background."""
-    from sdlab.shapes.world import PALETTE
-    names = list(PALETTE)
-    palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 127.5 - 1
+    names, palette = _palette()
     views = images.pixels.shape[1]
     pixels = images.pixels.flatten(0, 1)  # (N * views, 3, H, W)
     out, captions = [pixels], [images.captions[i // views] for i in range(len(pixels))]
-
-    def named(k: int) -> str | None:
-        return caption.format(an="an" if names[k][0] in "aeiou" else "a",
-                              background=names[k]) if caption else None
     for i, x in enumerate(pixels):
-        bg = x[:, 0, 0]
-        dist = (x - bg[:, None, None]).norm(dim=0)
-        fg = x[:, dist == dist.max()][:, 0]
-        axis = fg - bg
-        cover = ((x - bg[:, None, None]) * axis[:, None, None]).sum(0) / axis.dot(axis).clamp_min(1e-6)
-        cover = cover.clamp(0, 1)[None]
-
-        def on(background: torch.Tensor) -> torch.Tensor:
-            return cover * fg[:, None, None] + (1 - cover) * background[:, None, None]
-        if (on(bg) - x).abs().max() > 0.1:  # not one object on one flat background
+        seen = _two_tone(x, palette)
+        if seen is None:
             continue
-        fg_k, bg_k = (int((palette - c).norm(dim=1).argmin()) for c in (fg, bg))
+        fg_k, bg_k, on = seen
         if captions[i] is None:
-            captions[i] = named(bg_k)
+            captions[i] = _background_caption(caption, names[bg_k])
         others = [k for k in range(len(palette)) if k not in (fg_k, bg_k)]
         out += [on(palette[k])[None] for k in others]
-        captions += [named(k) for k in others]
+        captions += [_background_caption(caption, names[k]) for k in others]
     pixels = torch.cat(out)
     latents = data.encode_latents(vae, pixels, flip=False)
     return ImageSet(latents, captions, data.Sampler(len(pixels), 1, images.sampler.seed + 3),
