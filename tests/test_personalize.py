@@ -363,7 +363,7 @@ def test_server_loads_embedding_and_lora(model, ti_run, lora_run):
 
 def test_two_tone_images_on_every_other_palette_background(model):
     from sdlab.shapes.world import PALETTE, Scene, render
-    from sdlab.train.personal import ImageSet, on_other_backgrounds
+    from sdlab.train.personal import ImageSet, on_other_backgrounds, with_background_captions
     star = render(Scene("star", "yellow", "large", "center", "red", 32, (32, 32)))
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     pixels_ = torch.stack([data.to_tensor(Image.fromarray(a)) for a in (star, noise)])[:, None]
@@ -389,3 +389,6 @@ def test_two_tone_images_on_every_other_palette_background(model):
     assert captioned.captions[:2] == ["a {} on a red background", None]
     assert captioned.captions[2 + others.index("orange")] == "a {} on an orange background"
     assert [c.split()[-2] for c in captioned.captions[2:]] == others
+    # Dreambooth's instance images: captioned in place, no copies
+    in_place = with_background_captions(images, "{{}} on {an} {background} background")
+    assert in_place.captions == ["{} on a red background", None] and in_place.latents is images.latents

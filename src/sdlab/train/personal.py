@@ -10,6 +10,10 @@ Defaults depend on the model's size, read from its resolution (the model's defau
   class images        64 (+64 world samples, with prior preservation)  100
   dreambooth decoder  VAE decoder tuned too (lr 3e-4; LoRA rank 16)   off (SD's VAE draws anything)
   LoRA targets        attention, transformer projections, ResNet convs attention (to_q/k/v/out)
+  background captions one-object images without a caption file  off
+                      captioned `... on a BG background` (TI: always,
+                      plus copies on the other backgrounds; Dreambooth:
+                      half the time)
 
 The real-model column is the usual one (diffusers' examples). The small column keeps each recipe
 well under 10 minutes on 2 CPU cores for the 64x64 model: the base recipe's UNet + text encoder
