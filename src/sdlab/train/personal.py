@@ -197,8 +197,8 @@ def on_other_backgrounds(images: ImageSet, vae, caption: str | None = None) -> I
         captions += [_background_caption(caption, names[k]) for k in others]
     pixels = torch.cat(out)
     latents = data.encode_latents(vae, pixels, flip=False)
-    return ImageSet(latents, captions, data.Sampler(len(pixels), 1, images.sampler.seed + 3),
-                    pixels[:, None])
+    sampler = data.Sampler(len(pixels), images.sampler.repeats, images.sampler.seed + 3)
+    return ImageSet(latents, captions, sampler, pixels[:, None])
 
 
 def command_line() -> str:
