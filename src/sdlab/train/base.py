@@ -338,9 +338,9 @@ def stage_unet(cfg: BaseConfig, out: Path, resume: bool) -> None:
     latents = torch.load(out / "latents.pt")
     scenes = load_scenes(out)
     noise_scheduler = DDPMScheduler.from_config(scheduler_config())
-    unet, text_encoder = accelerator.prepare(*(trained_unet_and_text_encoder(cfg.unet_init)
-                                               if cfg.unet_init else
-                                               (make_unet(cfg), make_text_encoder(cfg))))
+    models = (trained_unet_and_text_encoder(cfg.unet_init) if cfg.unet_init
+              else (make_unet(cfg), make_text_encoder(cfg)))
+    unet, text_encoder = accelerator.prepare(*models)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = loop.EMA(params, cfg.ema_decay)
     accelerator.register_for_checkpointing(ema)

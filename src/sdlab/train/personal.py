@@ -168,8 +168,8 @@ def with_background_captions(images: ImageSet, template: str) -> ImageSet:
     names, palette = _palette()
     captions = list(images.captions)
     for i, x in enumerate(images.pixels[:, 0]):
-        seen = _two_tone(x, palette)
-        if captions[i] is None and seen is not None:
+        seen = _two_tone(x, palette) if captions[i] is None else None
+        if seen is not None:
             captions[i] = _background_caption(template, names[seen[1]])
     return ImageSet(images.latents, captions, images.sampler, images.pixels)
 
