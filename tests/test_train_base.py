@@ -63,7 +63,7 @@ def test_train_base_writes_a_loadable_model_and_resumes(tmp_path):
     for done in ("unet_ema", "unet_run"):
         shutil.rmtree(tmp_path / "run" / done)
     cfg3 = _config(tmp_path, stages=["unet", "export"], unet_init=str(init), unet_lr=1e-9,
-                   tag_caption_prob=0.5, default_guidance_cap=1.5, default_guidance_cap_below=0.6)
+                   tag_caption_prob=0.5, unet_object_weight=4.0, default_guidance_cap=1.5, default_guidance_cap_below=0.6)
     r = _sdlab("train", "base", "--config", str(cfg3))
     assert r.returncode == 0, r.stderr[-2000:]
     tuned, start = (sdlab.load(str(m), device="cpu").components for m in (model, init))
@@ -71,6 +71,34 @@ def test_train_base_writes_a_loadable_model_and_resumes(tmp_path):
         diffs = [(p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())]
         assert max(diffs) < 1e-3  # 3 steps at lr 1e-9 from the init, not from random weights
     assert (tuned.defaults.guidance_cap, tuned.defaults.guidance_cap_below) == (1.5, 0.6)
+
+
+def test_object_cells_cover_the_object_box_and_its_margin():
+    from sdlab.shapes.world import Scene
+    from sdlab.train.base import object_cells
+    # box x 12..28, y 4..20; with the 3 px margin x 9..31, y 1..23
+    scenes = [Scene("circle", "red", "small", "top left", "blue", 16, (20, 12)),
+              Scene("square", "red", "large", "center", "blue", 32, (32, 32))]
+    cells = object_cells(scenes, 8)
+    assert cells.shape == (2, 1, 8, 8)
+    small = cells[0, 0]
+    assert small[1, 2] == 1.0 and abs(small[0, 1].item() - (7 / 8) ** 2) < 1e-6
+    assert small[:, 4:].sum() == 0 and small[3:].sum() == 0  # nothing far from the object
+    assert abs(cells[1, 0].sum().item() - 38 ** 2 / 64) < 1e-4  # (32 + 2 * 3)^2 px in 8x8 cells
+
+
+def test_outline_weighted_loss_counts_the_outline_most():
+    import torch
+    from sdlab.train.base import outline_weighted_loss
+    target = -torch.ones(1, 3, 16, 16)  # black background
+    target[:, :, 4:12, 4:12] = 1.0  # a white square
+    def cost(y: int, x: int) -> float:  # the loss of one wrong pixel
+        recon = target.clone()
+        recon[:, :, y, x] -= 0.5
+        return outline_weighted_loss(recon, target, 4.0, 4.0).item()
+    background, inside, edge = cost(0, 0), cost(8, 8), cost(4, 8)
+    assert outline_weighted_loss(target, target, 4.0, 4.0).item() == 0
+    assert abs(inside / background - 5) < 1e-4 and abs(edge / background - 9) < 1e-4
 
 
 def test_two_processes_under_accelerate(tmp_path):

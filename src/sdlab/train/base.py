@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sdlab.errors import InputError
-from sdlab.shapes.world import Scene, random_caption, render, tag_caption, sample_scene
+from sdlab.shapes.world import CANVAS, Scene, random_caption, render, tag_caption, sample_scene
 from sdlab.train import loop
 
 TERMINAL_ALPHA_BAR = 2.0**-24  # not exactly 0, so that sigma-based samplers stay finite
@@ -60,6 +60,9 @@ class BaseConfig:
     caption_dropout: float = 0.1
     clause_keep: float = 0.5
     tag_caption_prob: float = 0.0  # share of captions that are tag lists (`blue, circle`)
+    # extra loss weight on the latent cells around the object: a small shape is 4 of 64 cells,
+    # so an unweighted loss is nearly all background and small circles come out as blobs
+    unet_object_weight: float = 0.0
     # a model (name or folder) whose UNet and text encoder the UNet stage starts from instead of
     # random weights: a fine-tune of a trained model (its VAE must be this run's)
     unet_init: str | None = None
@@ -262,21 +265,17 @@ def stage_decoder(cfg: BaseConfig, out: Path, resume: bool) -> None:
         while True:
             idx = gen.integers(0, len(images), cfg.vae_batch)
             x = images_to_tensor(images[idx])
-            corner = x[:, :, :1, :1]  # the background colour (objects never touch a corner)
-            is_object = ((x - corner).abs().amax(dim=1, keepdim=True) > 0.1).float()
-            yield latents[idx].to(accelerator.device), x.to(accelerator.device), is_object.to(accelerator.device)
+            yield latents[idx].to(accelerator.device), x.to(accelerator.device)
 
     def loss_fn(batch, step):
-        z, x, is_object = batch
+        z, x = batch
         # the UNet's latents are never exactly the encoder's: a decoder that has seen slightly
         # perturbed latents still draws clean outlines from them
         per_image = (z.shape[0], 1, 1, 1)
         sigma = torch.rand(per_image) * (torch.rand(per_image) < 0.5) * cfg.decoder_latent_noise / scaling
         z = z + sigma.to(z.device) * torch.randn_like(z)
         recon = accelerator.unwrap_model(vae).decode(z).sample
-        weight = 1 + cfg.decoder_object_weight * is_object + cfg.decoder_edge_weight * _outline(is_object)
-        err = recon - x
-        return (weight * (err.abs() + err.pow(2))).mean()
+        return outline_weighted_loss(recon, x, cfg.decoder_object_weight, cfg.decoder_edge_weight)
 
     lc = loop.LoopConfig(steps=cfg.decoder_steps, out_dir=out / "decoder_run", lr=cfg.decoder_lr,
                          warmup_steps=20, cosine_decay=True, desc="decoder",
@@ -285,6 +284,19 @@ def stage_decoder(cfg: BaseConfig, out: Path, resume: bool) -> None:
     if accelerator.is_main_process:
         accelerator.unwrap_model(vae).save_pretrained(final)
     accelerator.wait_for_everyone()
+
+
+def outline_weighted_loss(recon: torch.Tensor, target: torch.Tensor, object_weight: float,
+                          edge_weight: float) -> torch.Tensor:
+    """L1 + L2 reconstruction error of two-tone images (one object on a plain background, which
+    fills the corners), object pixels weighted 1 + object_weight and their outline edge_weight
+    more: in a plain pixel loss a small shape's outline, which decides its judged shape, is
+    almost nothing."""
+    corner = target[:, :, :1, :1]
+    is_object = ((target - corner).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    weight = 1 + object_weight * is_object + edge_weight * _outline(is_object)
+    err = recon - target
+    return (weight * (err.abs() + err.pow(2))).mean()
 
 
 def _outline(mask: torch.Tensor) -> torch.Tensor:
@@ -323,6 +335,22 @@ def _training_caption(scene, rng: random.Random, cfg: BaseConfig) -> str:
     return random_caption(scene, rng, cfg.clause_keep)
 
 
+def object_cells(scenes: list[Scene], latent_size: int, margin: float = 3.0) -> torch.Tensor:
+    """(N, 1, L, L): the share of each latent cell that lies within `margin` pixels of the
+    scene's object box (1 inside, 0 far away), from the scene's geometry alone."""
+    cell = CANVAS / latent_size
+    edges = torch.arange(latent_size + 1, dtype=torch.float32) * cell
+    half = torch.tensor([s.side / 2 + margin for s in scenes], dtype=torch.float32)[:, None]
+    centers = torch.tensor([s.center for s in scenes], dtype=torch.float32)
+
+    def overlap(c: torch.Tensor) -> torch.Tensor:  # (N, L): covered share of each cell along one axis
+        lo, hi = (c[:, None] - half), (c[:, None] + half)
+        return ((torch.minimum(hi, edges[1:]) - torch.maximum(lo, edges[:-1])).clamp(min=0) / cell)
+
+    x, y = overlap(centers[:, 0]), overlap(centers[:, 1])
+    return (y[:, :, None] * x[:, None, :])[:, None]
+
+
 def stage_unet(cfg: BaseConfig, out: Path, resume: bool) -> None:
     final = out / "unet_ema"
     if (final / "unet" / "config.json").exists():
@@ -346,14 +374,17 @@ def stage_unet(cfg: BaseConfig, out: Path, resume: bool) -> None:
     accelerator.register_for_checkpointing(ema)
     rng = random.Random(cfg.seed * 1000 + accelerator.process_index)
 
+    weight_maps = 1 + cfg.unet_object_weight * object_cells(scenes, latents.shape[-1])
+
     def batches():
         while True:
             idx = [rng.randrange(len(scenes)) for _ in range(cfg.unet_batch)]
             captions = [_training_caption(scenes[i], rng, cfg) for i in idx]
-            yield latents[idx].to(accelerator.device), tokens(captions).to(accelerator.device)
+            yield (latents[idx].to(accelerator.device), tokens(captions).to(accelerator.device),
+                   weight_maps[idx].to(accelerator.device))
 
     def loss_fn(batch, step):
-        x0, ids = batch
+        x0, ids, weight = batch
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
                           device=x0.device)
@@ -361,7 +392,8 @@ def stage_unet(cfg: BaseConfig, out: Path, resume: bool) -> None:
         target = noise_scheduler.get_velocity(x0, noise, t)
         cond = text_encoder(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
+        # normalised by the mean weight, so the learning rate means the same with any weighting
+        return (weight * (pred.float() - target.float()).pow(2)).mean() / weight.mean()
 
     lc = loop.LoopConfig(steps=cfg.unet_steps, out_dir=out / "unet_run", lr=cfg.unet_lr,
                          warmup_steps=200, cosine_decay=True, desc="unet",
