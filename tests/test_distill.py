@@ -158,6 +158,22 @@ def test_guided_distillation_cli_writes_loadable_students(teacher_dir, tmp_path,
     assert main(["distill", "guided", "--model", str(teacher_dir), "--out", str(out),
                  "--start-steps", "6", "--end-steps", "4"]) == 2  # not a power-of-two ratio
 
+    # warm start: stage 1 starts from a trained student (here one with a moved guidance input)
+    from diffusers import UNet2DConditionModel
+    init = UNet2DConditionModel.from_pretrained(out / "stage1" / "unet")
+    torch.nn.init.normal_(init.time_embedding.cond_proj.weight, std=0.1)
+    init.save_pretrained(out / "stage1" / "unet")
+    warm = tmp_path / "warm"
+    again = ["distill", "guided", "--model", str(teacher_dir), "--rounds", "0", "--end-steps", "2",
+             "--stage1-steps", "2", "--batch-size", "2", "--pool-size", "4", "--cond-dim", "16",
+             "--lr", "1e-9"]
+    assert main(again + ["--out", str(warm), "--student-init", str(out / "stage1")]) == 0
+    started = UNet2DConditionModel.from_pretrained(warm / "stage1" / "unet")
+    diff = (started.time_embedding.cond_proj.weight - init.time_embedding.cond_proj.weight).abs()
+    assert diff.max() < 1e-3  # fp16 export of the init, not a zero projection
+    # the teacher itself has no guidance input: one clear error
+    assert main(again + ["--out", str(tmp_path / "bad"), "--student-init", str(teacher_dir)]) == 2
+
 
 def test_lcm_distillation_and_resume(teacher_dir, tmp_path):
     import sdlab

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sdlab.errors import InputError
+
 from sdlab import samplers
 from sdlab.generate import guidance_embedding
 from sdlab.train import loop
@@ -90,6 +92,9 @@ class GuidedConfig(DistillConfig):
     end_steps: int = 4  # DDIM steps of the last round's student
     steps_per_round: int = 300
     ema_decay: float = 0.99  # exported weights are an EMA of the student; 0 turns it off
+    # a guidance-distilled model (name or folder) whose UNet stage 1 starts from instead of the
+    # teacher's: re-distilling after the teacher was fine-tuned, its guidance input already learned
+    student_init: str | None = None
 
     def round_steps(self) -> list[int]:
         """Student step counts of the rounds: start/2, start/4, ..., end."""
@@ -661,6 +666,26 @@ def _notes(cfg: DistillConfig, teacher, method: str, name: str, **extra) -> dict
             "teacher_source": teacher.source, "config": asdict(cfg), **extra}
 
 
+def stage1_student(cfg: GuidedConfig, teacher):
+    """The teacher's UNet with a zero guidance input, or (student_init) an earlier student's
+    UNet, which must be the teacher's architecture plus a guidance input."""
+    if not cfg.student_init:
+        return make_guidance_student(teacher.unet, cfg.cond_dim)
+    from sdlab.components import resolve_model_path
+    init = load_unet(resolve_model_path(cfg.student_init), teacher.device)
+    ours, theirs = ({k: v for k, v in unet_config(u).items() if not k.startswith("_")}
+                    for u in (init, teacher.unet))
+    if ours.pop("time_cond_proj_dim", None) is None:
+        raise InputError(f"student init {cfg.student_init} has no guidance input "
+                         "(time_cond_proj_dim); give a guidance-distilled model")
+    theirs.pop("time_cond_proj_dim", None)
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differ:
+        raise InputError(f"student init {cfg.student_init} is not the teacher's architecture "
+                         f"(differs in {', '.join(differ)})")
+    return make_guidance_student(init, cfg.cond_dim)
+
+
 def distill_guided(cfg: GuidedConfig, resume: bool = False) -> Path:
     """Stage 1, then one progressive-distillation round per halving; returns the last round's
     folder. A phase whose folder exists is skipped; --resume continues an interrupted phase
@@ -670,9 +695,11 @@ def distill_guided(cfg: GuidedConfig, resume: bool = False) -> Path:
     name = cfg.name or f"{teacher.name}-guided"
     folder = out / "stage1"
     if not (folder / "sdlab.json").exists():
-        student = make_guidance_student(teacher.unet, cfg.cond_dim)
+        student = stage1_student(cfg, teacher)
+        # a warm start's guidance projection is trained already: no extra learning rate for it
+        cond_lr_scale = 1.0 if cfg.student_init else cfg.cond_lr_scale
         trained, acc = train_phase(
-            cfg, Phase("stage1", cfg.stage1_steps, cfg.ema_decay, cfg.cond_lr_scale), student,
+            cfg, Phase("stage1", cfg.stage1_steps, cfg.ema_decay, cond_lr_scale), student,
             teacher, pool, lambda s: guidance_loss(s, teacher.unet, schedule), resume)
         _finish(acc, teacher, trained, folder, save_dtype=cfg.save_dtype,
                 defaults={"sampler": "ddim", "steps": cfg.start_steps, "guidance_scale": w_default,

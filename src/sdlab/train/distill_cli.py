@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
                         help="training steps of each progressive round (300)")
     guided.add_argument("--ema-decay", type=float, default=None,
                         help="export an EMA of each student (0.99; 0 turns it off)")
+    guided.add_argument("--student-init", default=None,
+                        help="start stage 1 from this guidance-distilled model's UNet (for example "
+                             "the previous student, after the teacher was fine-tuned)")
     guided.set_defaults(func=cmd_guided)
 
     lcm = methods.add_parser("lcm", help="latent consistency distillation (Luo et al. 2023)")
@@ -84,7 +87,7 @@ def cmd_guided(args: argparse.Namespace) -> int:
     from sdlab.errors import InputError
     from sdlab.train.distill import GuidedConfig, distill_guided
     values = _config_values(args, ("stage1_steps", "start_steps", "end_steps", "steps_per_round",
-                                   "ema_decay"))
+                                   "ema_decay", "student_init"))
     if args.rounds is not None:
         if args.start_steps is not None:
             raise InputError("give --rounds or --start-steps, not both")
