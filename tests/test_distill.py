@@ -150,6 +150,12 @@ def test_guided_distillation_cli_writes_loadable_students(teacher_dir, tmp_path,
     [guided] = pipe.generate("a red circle", seed=0)
     [plain] = pipe.generate("a red circle", seed=0, guidance_scale=1.0)
     assert abs(guided.pixels - plain.pixels).max() > 1e-3
+    # a guidance cap reaches the guidance input step by step: w 3 at t=999, 1.5 at t=499
+    import math
+    [capped] = pipe.generate("a red circle", seed=0, guidance_scale=3.0, guidance_cap=1.5)
+    [strong] = pipe.generate("a red circle", seed=0, guidance_scale=3.0, guidance_cap=math.inf)
+    assert abs(capped.pixels - strong.pixels).max() > 1e-3
+    assert abs(capped.pixels - guided.pixels).max() > 1e-3
 
     # a finished run resumed: every phase's folder exists, nothing is retrained
     stamp = (final / "unet").stat().st_mtime_ns

@@ -333,10 +333,7 @@ class Pipeline:
         unet = c.unet
         use_cfg = uncond is not None
         num_train = c.scheduler_config.get("num_train_timesteps", 1000)
-        timestep_cond = None
-        if unet.config.time_cond_proj_dim is not None:  # guidance-distilled: w is an input
-            w = torch.full((latents.shape[0],), s.guidance_scale - 1.0, device=latents.device)
-            timestep_cond = guidance_embedding(w, unet.config.time_cond_proj_dim).to(latents.dtype)
+        cond_dim = unet.config.time_cond_proj_dim  # set: guidance-distilled, w is an input
         context = torch.cat([uncond, cond]) if use_cfg else cond
         step_kwargs = [self._step_kwargs(sch, g) for sch, g in zip(scheds, gens)]
         x0_steps: list[torch.Tensor] = []
@@ -347,10 +344,13 @@ class Pipeline:
             model_in = torch.cat([sch.scale_model_input(latents[i * per : (i + 1) * per], t)
                                   for i, sch in enumerate(scheds)])
             unet_in = torch.cat([model_in, model_in]) if use_cfg else model_in
-            out = unet(unet_in, t, encoder_hidden_states=context, timestep_cond=
-                       None if timestep_cond is None else
-                       (torch.cat([timestep_cond, timestep_cond]) if use_cfg else timestep_cond)
-                       ).sample
+            timestep_cond = None
+            if cond_dim is not None:  # this step's w, so that a guidance cap applies here too
+                w = torch.full((unet_in.shape[0],), s.guidance_at(float(t), num_train) - 1.0,
+                               device=latents.device)
+                timestep_cond = guidance_embedding(w, cond_dim).to(latents.dtype)
+            out = unet(unet_in, t, encoder_hidden_states=context,
+                       timestep_cond=timestep_cond).sample
             if use_cfg:
                 out_uncond, out_cond = out.chunk(2)
                 out = out_uncond + s.guidance_at(float(t), num_train) * (out_cond - out_uncond)
