@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdlab.errors import InputError
-
 from sdlab import samplers
+from sdlab.errors import InputError
 from sdlab.generate import guidance_embedding
 from sdlab.train import loop
 
