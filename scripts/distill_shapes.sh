@@ -16,6 +16,10 @@
 # Then measure_distill.py (not in the training budget): ~5 min for 200 prompts per row.
 # On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids thread-barrier stalls.
 #
+# The shipped shapes-fast came from this script run on `shapes` before its tag fine-tune, then
+# stage 1 re-run from that student against the fine-tuned teacher (`--student-init shapes-fast
+# --rounds 0 --end-steps 4 --stage1-steps 1000 --lr 1e-4`, 14 min on 2 cores; see its model card).
+#
 # Environment overrides: SDLAB (the sdlab command), PYTHON, TEACHER (default: the embedded
 # `shapes`; runs/shapes/model works too), OUT (default runs/distill), INSTALL=0 to not install
 # the student as src/sdlab/models/shapes-fast, FAST=lcm to install the LCM student instead,
