@@ -135,7 +135,8 @@ def run_dreambooth(args, data: Path, out: Path, lora: bool) -> dict:
                            lr=args.lr,
                            seed=args.seed, num_class_images=args.class_images,
                            class_data_dir=str(out / "class-images"),
-                           validation_prompts=[j.prompt for j in DB_PROMPTS])
+                           validation_prompts=[j.prompt for j in DB_PROMPTS],
+                           train_decoder=args.train_decoder)
     path, seconds = timed(train_dreambooth, cfg)
     if lora:
         pipe = sdlab.load(args.model, device=args.device)
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions", choices=["sidecar", "none"], default="sidecar")
     p.add_argument("--recipes", nargs="+", choices=["ti", "dreambooth", "lora"],
                    default=["ti", "dreambooth", "lora"])
+    p.add_argument("--train-decoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="Dreambooth's decoder fine-tune (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 steps, 4 images, 8 prompts")

@@ -70,6 +70,10 @@ DONE_FILE = "done.json"
 # instance (and class) images and, so that it forgets nothing else, as many of the model's own
 # unconditional samples (generated once, cached like class images); latents jittered as the
 # UNet's outputs are. Measured without those samples: base full-prompt accuracy 0.86 -> 0.38.
+# Keeping the decoder frozen and training the UNet on decoder-inverted latents instead (gradient
+# descent on the latents through the decoder; it then draws 5 of the 8 instance stars) measured
+# `a yellow sks` 0.00, full-prompt accuracy 0.88 -> 0.66: the UNet draws blobs, not those latents
+# (docs/measurements/personalization/decoder-inversion-ablation.json).
 DECODER = {"small": True, "sd": False}
 DECODER_LR = 3e-4
 DECODER_LATENT_NOISE = 0.1
