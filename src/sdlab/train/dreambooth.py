@@ -73,7 +73,10 @@ DONE_FILE = "done.json"
 # Keeping the decoder frozen and training the UNet on decoder-inverted latents instead (gradient
 # descent on the latents through the decoder; it then draws 5 of the 8 instance stars) measured
 # `a yellow sks` 0.00, full-prompt accuracy 0.88 -> 0.66: the UNet draws blobs, not those latents
-# (docs/measurements/personalization/decoder-inversion-ablation.json).
+# And real renders instead of the model's samples as the decoder's preservation set: drop 0.14
+# instead of 0.18, but `a yellow sks` 0.05: with the encoder's latents a star and a small circle
+# share latents, and the decoder cannot draw both
+# (docs/measurements/personalization/dreambooth-decoder-ablations-2026-12-01.json).
 DECODER = {"small": True, "sd": False}
 DECODER_LR = 3e-4
 DECODER_LATENT_NOISE = 0.1
