@@ -91,9 +91,16 @@ def test_guidance_cap_applies_only_at_low_noise(tiny_pipe):
         assert np.array_equal(tiny_pipe.generate("a red circle", seed=5, steps=3,
                                                  guidance_scale=7)[0].pixels, plain.pixels)
         d.guidance_cap, d.guidance_cap_below = 1.0, 1.0  # capped at every step: as guidance 1
-        capped = tiny_pipe.generate("a red circle", seed=5, steps=3, guidance_scale=7)[0]
+        batches: list[int] = []
+        hook = tiny_pipe.components.unet.register_forward_pre_hook(
+            lambda module, args: batches.append(args[0].shape[0]))
+        try:
+            capped = tiny_pipe.generate("a red circle", seed=5, steps=3, guidance_scale=7)[0]
+        finally:
+            hook.remove()
+        assert batches == [1, 1, 1]  # a step guided at 1 skips the unconditional pass
         unguided = tiny_pipe.generate("a red circle", seed=5, steps=3, guidance_scale=1)[0]
-        assert np.abs(capped.pixels - unguided.pixels).max() < 1e-5
+        assert np.array_equal(capped.pixels, unguided.pixels)
         assert "CFG cap: 1 below t=1" in capped.params.infotext()
         # per call: math.inf turns the model's cap off, a number replaces it
         off = tiny_pipe.generate("a red circle", seed=5, steps=3, guidance_scale=7,

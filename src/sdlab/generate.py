@@ -343,17 +343,20 @@ class Pipeline:
             per = latents.shape[0] // len(scheds)  # images per scheduler: 1, or the batch
             model_in = torch.cat([sch.scale_model_input(latents[i * per : (i + 1) * per], t)
                                   for i, sch in enumerate(scheds)])
-            unet_in = torch.cat([model_in, model_in]) if use_cfg else model_in
+            w = s.guidance_at(float(t), num_train)
+            # a step guided at exactly 1 is the conditional prediction: one pass, not two
+            guided = use_cfg and w != 1.0
+            unet_in = torch.cat([model_in, model_in]) if guided else model_in
             timestep_cond = None
             if cond_dim is not None:  # this step's w, so that a guidance cap applies here too
-                w = torch.full((unet_in.shape[0],), s.guidance_at(float(t), num_train) - 1.0,
-                               device=latents.device)
-                timestep_cond = guidance_embedding(w, cond_dim).to(latents.dtype)
-            out = unet(unet_in, t, encoder_hidden_states=context,
+                timestep_cond = guidance_embedding(
+                    torch.full((unet_in.shape[0],), w - 1.0, device=latents.device),
+                    cond_dim).to(latents.dtype)
+            out = unet(unet_in, t, encoder_hidden_states=context if guided else cond,
                        timestep_cond=timestep_cond).sample
-            if use_cfg:
+            if guided:
                 out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + s.guidance_at(float(t), num_train) * (out_cond - out_uncond)
+                out = out_uncond + w * (out_cond - out_uncond)
             alphas_cumprod = scheds[0].alphas_cumprod
             alpha_bar = alphas_cumprod[min(int(round(float(t))), len(alphas_cumprod) - 1)]
             x0 = predicted_clean(model_in, out, alpha_bar.to(latents.device).expand(latents.shape[0]), c.prediction_type)
