@@ -30,7 +30,7 @@ def test_embedded_model_defaults_draw_large_shapes_right(shapes):
              for r, p in zip(results, prompts)]
     # measured: large shapes on full prompts are right in well over 0.9 of images
     assert sum(right) >= 3, right
-    assert "CFG cap: 1.5 below t=0.6" in results[0].params.infotext()
+    assert "CFG cap: 1.5 below t=0.5" in results[0].params.infotext()
 
 
 def test_embedded_model_follows_random_full_prompts(shapes):
