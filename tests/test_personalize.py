@@ -392,3 +392,18 @@ def test_two_tone_images_on_every_other_palette_background(model):
     # Dreambooth's instance images: captioned in place, no copies
     in_place = with_background_captions(images, "{{}} on {an} {background} background")
     assert in_place.captions == ["{} on a red background", None] and in_place.latents is images.latents
+
+
+def test_world_renders_are_the_decoders_preservation_set(model):
+    from types import SimpleNamespace
+
+    from sdlab.shapes.world import PALETTE
+    from sdlab.train.dreambooth import world_renders
+    vae = sdlab.load(str(model), device="cpu").components.vae
+    session = SimpleNamespace(cfg=SimpleNamespace(seed=0, resolution=32),
+                              components=SimpleNamespace(vae=vae))
+    renders = world_renders(session, 4)
+    assert renders.pixels.shape == (4, 1, 3, 32, 32) and renders.latents.shape[:3] == (4, 1, 4)
+    corners = ((renders.pixels[:, 0, :, 0, 0] + 1) * 127.5).round().int().tolist()
+    assert all(tuple(c) in PALETTE.values() for c in corners)  # plain palette backgrounds
+    assert torch.equal(world_renders(session, 4).pixels, renders.pixels)  # seeded

@@ -67,17 +67,19 @@ DONE_FILE = "done.json"
 # 0 of 100 star renders come back from encode -> decode judged as stars), so no UNet training can
 # teach one. SD's VAE, trained on everything, needs no such help. On small models Dreambooth also
 # fine-tunes the VAE decoder (encoder frozen, so latents keep their meaning) to reconstruct the
-# instance (and class) images and, so that it forgets nothing else, as many of the model's own
-# unconditional samples (generated once, cached like class images); latents jittered as the
-# UNet's outputs are. Measured without those samples: base full-prompt accuracy 0.86 -> 0.38.
+# instance (and class) images and, so that it forgets nothing else, renders of the world (a LoRA
+# run: the model's own samples, generated once and cached like class images); latents jittered
+# as the UNet's outputs are. Measured without such a set: base full-prompt accuracy 0.86 -> 0.38.
+# The decoder's preservation set is DECODER_RENDERS renders of random Shapes scenes (true shapes
+# as targets), not the model's own samples, which carry its decoder's rounding of small squares.
+# Measured (one run each, 64 seeds, 100 full prompts, 15-step defaults): `a yellow sks` 0.61 vs
+# 0.59, on blue 0.69 vs 0.80, full-prompt accuracy 0.83 -> 0.69 vs 0.83 -> 0.62.
 # Keeping the decoder frozen and training the UNet on decoder-inverted latents instead (gradient
-# descent on the latents through the decoder; it then draws 5 of the 8 instance stars) measured
-# `a yellow sks` 0.00, full-prompt accuracy 0.88 -> 0.66: the UNet draws blobs, not those latents
-# And real renders instead of the model's samples as the decoder's preservation set: drop 0.14
-# instead of 0.18, but `a yellow sks` 0.05: with the encoder's latents a star and a small circle
-# share latents, and the decoder cannot draw both
-# (docs/measurements/personalization/dreambooth-decoder-ablations-2026-12-01.json).
+# descent on the latents through the decoder, which then draws 5 of the 8 instance stars) drew
+# blobs: `a yellow sks` 0.00 (measured with caption files, where the shipped recipe itself drew
+# 0.06; docs/measurements/personalization/dreambooth-decoder-ablations-2026-12-01.json).
 DECODER = {"small": True, "sd": False}
+DECODER_RENDERS = 256
 DECODER_LR = 3e-4
 DECODER_LATENT_NOISE = 0.1
 # A full run's decoder loss weights object pixels x5 and their outline x5 more, as the base
@@ -193,6 +195,23 @@ def ensure_world_images(s: Session, cfg: DreamboothConfig) -> Path:
     return folder
 
 
+def world_renders(s: Session, n: int) -> ImageSet:
+    """`n` renders of random Shapes scenes and their encoder latents: the small models' decoder
+    preservation set, true shapes as targets (the model's own samples carry its decoder's
+    rounding of small squares)."""
+    from PIL import Image
+
+    from sdlab.shapes.world import render, sample_scene
+    from sdlab.train import data
+    rng = random.Random(f"{s.cfg.seed}/world renders")
+    pixels = torch.stack([data.to_tensor(Image.fromarray(render(sample_scene(rng))))
+                          for _ in range(n)])
+    if pixels.shape[-1] != s.cfg.resolution:  # a small model of another size (tests)
+        pixels = torch.nn.functional.interpolate(pixels, size=s.cfg.resolution, mode="area")
+    latents = data.encode_latents(s.components.vae, pixels, flip=False)
+    return ImageSet(latents, [None] * n, data.Sampler(n, 1, s.cfg.seed + 4), pixels[:, None])
+
+
 def _generate_once(s: Session, cfg: DreamboothConfig, folder: Path, prompts: list[str],
                    record: dict, desc: str, captions: bool = False) -> None:
     """One image per prompt (image k at seed + k) into folder, unless done.json says it is
@@ -293,10 +312,12 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     world = s.load_images(ensure_world_images(s, cfg), seed_offset=2) if cfg.world_prior else None
     trained = prepare_models(s, cfg)
     decoder = prepare_decoder(s, cfg) if cfg.train_decoder else []
-    # the decoder's own prior preservation: the model's samples span what it draws, so
-    # reconstructing them keeps the decoder able to draw everything else
+    # the decoder's own prior preservation: reconstructing renders of the world keeps it able
+    # to draw everything else (see DECODER_RENDERS)
     keep = None
-    if decoder:
+    if decoder and not cfg.lora:
+        keep = world_renders(s, DECODER_RENDERS)
+    elif decoder:  # LoRA adapters: measured with the model's samples (renders not measured)
         keep = world if world is not None else s.load_images(
             ensure_class_images(s, cfg, prompt=""), seed_offset=2)
     model_params = [p for m in trained for p in m.parameters() if p.requires_grad]
