@@ -45,10 +45,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sdlab.errors import InputError
-from sdlab.train.base import outline_weighted_loss
+from sdlab.shapes.world import render, sample_scene
+from sdlab.train import data
+from sdlab.train.base import images_to_tensor, outline_weighted_loss
 from sdlab.train.personal import (CLASS_IMAGES, ImageSet, Session, TrainConfig, format_caption,
                                  on_other_backgrounds, with_background_captions)
 
@@ -67,12 +70,11 @@ DONE_FILE = "done.json"
 # 0 of 100 star renders come back from encode -> decode judged as stars), so no UNet training can
 # teach one. SD's VAE, trained on everything, needs no such help. On small models Dreambooth also
 # fine-tunes the VAE decoder (encoder frozen, so latents keep their meaning) to reconstruct the
-# instance (and class) images and, so that it forgets nothing else, renders of the world (a LoRA
-# run: the model's own samples, generated once and cached like class images); latents jittered
-# as the UNet's outputs are. Measured without such a set: base full-prompt accuracy 0.86 -> 0.38.
-# The decoder's preservation set is DECODER_RENDERS renders of random Shapes scenes (true shapes
-# as targets), not the model's own samples, which carry its decoder's rounding of small squares.
-# Measured (one run each, 64 seeds, 100 full prompts, 15-step defaults): `a yellow sks` 0.61 vs
+# instance (and class) images and, so that it forgets nothing else, DECODER_RENDERS renders of
+# random Shapes scenes (a LoRA run: the model's own samples, generated once and cached like class
+# images); latents jittered as the UNet's outputs are. Measured without such a set: base
+# full-prompt accuracy 0.86 -> 0.38. Renders rather than samples: true shapes as targets, where
+# samples carry the decoder's own rounding of small squares. Measured (one run each, 64 seeds, 100 full prompts, 15-step defaults): `a yellow sks` 0.61 vs
 # 0.59, on blue 0.69 vs 0.80, full-prompt accuracy 0.83 -> 0.69 vs 0.83 -> 0.62.
 # Keeping the decoder frozen and training the UNet on decoder-inverted latents instead (gradient
 # descent on the latents through the decoder, which then draws 5 of the 8 instance stars) drew
@@ -199,13 +201,8 @@ def world_renders(s: Session, n: int) -> ImageSet:
     """`n` renders of random Shapes scenes and their encoder latents: the small models' decoder
     preservation set, true shapes as targets (the model's own samples carry its decoder's
     rounding of small squares)."""
-    from PIL import Image
-
-    from sdlab.shapes.world import render, sample_scene
-    from sdlab.train import data
     rng = random.Random(f"{s.cfg.seed}/world renders")
-    pixels = torch.stack([data.to_tensor(Image.fromarray(render(sample_scene(rng))))
-                          for _ in range(n)])
+    pixels = images_to_tensor(np.stack([render(sample_scene(rng)) for _ in range(n)]))
     if pixels.shape[-1] != s.cfg.resolution:  # a small model of another size (tests)
         pixels = torch.nn.functional.interpolate(pixels, size=s.cfg.resolution, mode="area")
     latents = data.encode_latents(s.components.vae, pixels, flip=False)
