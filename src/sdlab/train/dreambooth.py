@@ -83,6 +83,7 @@ DONE_FILE = "done.json"
 DECODER = {"small": True, "sd": False}
 DECODER_RENDERS = 256
 DECODER_LR = 3e-4
+DECODER_KEEP_RENDERS = True
 DECODER_LATENT_NOISE = 0.1
 # A full run's decoder loss weights object pixels x5 and their outline x5 more, as the base
 # recipe's decoder stage does (a plain MSE barely sees a small shape's outline). Measured (64
@@ -346,7 +347,12 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     decoded_instance = instance
     if decoder and DECODER_BACKGROUNDS and s.scale == "small":
         decoded_instance = on_other_backgrounds(instance, s.components.vae)
-    decoded_sets = [decoded_instance] + [x for x in (prior, keep) if x is not None]
+    # (images, batch size) the decoder reconstructs each step; a full run's renders replace the
+    # class samples there (see DECODER_KEEP_RENDERS)
+    if keep is not None and not cfg.lora and DECODER_KEEP_RENDERS:
+        decoded_sets = [(decoded_instance, cfg.batch_size), (keep, 2 * cfg.batch_size)]
+    else:
+        decoded_sets = [(x, cfg.batch_size) for x in (decoded_instance, prior, keep) if x is not None]
 
     def make_batch(step: int):
         latents, picks = s.batch(instance, step, cfg.batch_size)
@@ -359,8 +365,8 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
                 prompts += prompts_for(images, more_picks, prompt, rng)
         if not decoder:
             return latents, prompts, None
-        batches = [s.batch(images, step, cfg.batch_size)[0] for images in decoded_sets]
-        pixels = torch.cat([s.batch_pixels(images, step, cfg.batch_size) for images in decoded_sets])
+        batches = [s.batch(images, step, n)[0] for images, n in decoded_sets]
+        pixels = torch.cat([s.batch_pixels(images, step, n) for images, n in decoded_sets])
         return latents, prompts, (torch.cat(batches), pixels)
 
     def loss_fn(batch, step: int) -> torch.Tensor:
