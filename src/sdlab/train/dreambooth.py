@@ -70,12 +70,13 @@ DONE_FILE = "done.json"
 # 0 of 100 star renders come back from encode -> decode judged as stars), so no UNet training can
 # teach one. SD's VAE, trained on everything, needs no such help. On small models Dreambooth also
 # fine-tunes the VAE decoder (encoder frozen, so latents keep their meaning) to reconstruct the
-# instance (and class) images and, so that it forgets nothing else, DECODER_RENDERS renders of
-# random Shapes scenes (a LoRA run: the model's own samples, generated once and cached like class
-# images); latents jittered as the UNet's outputs are. Measured without such a set: base
-# full-prompt accuracy 0.86 -> 0.38. Renders rather than samples: true shapes as targets, where
-# samples carry the decoder's own rounding of small squares. Measured (one run each, 64 seeds, 100 full prompts, 15-step defaults): `a yellow sks` 0.61 vs
-# 0.59, on blue 0.69 vs 0.80, full-prompt accuracy 0.83 -> 0.69 vs 0.83 -> 0.62.
+# instance images and, so that it forgets nothing else, DECODER_RENDERS renders of random Shapes
+# scenes, two for each instance image in a batch; latents jittered as the UNet's outputs are.
+# Measured without such a set: base full-prompt accuracy 0.86 -> 0.38. Renders rather than the
+# model's own samples (which carry its decoder's rounding of small squares) and no class images
+# there: measured on 128 seeds and 300 full prompts (base 0.907), full runs `a yellow sks` 0.72
+# vs 0.56, on blue 0.77 vs 0.55, full-prompt accuracy after 0.727 vs 0.693; LoRA 0.65 vs 0.38,
+# 0.53 vs 0.41, 0.740 vs 0.703 (docs/measurements/personalization/decoder-renders-2026-12-02.json).
 # Keeping the decoder frozen and training the UNet on decoder-inverted latents instead (gradient
 # descent on the latents through the decoder, which then draws 5 of the 8 instance stars) drew
 # blobs: `a yellow sks` 0.00 (measured with caption files, where the shipped recipe itself drew
@@ -83,7 +84,6 @@ DONE_FILE = "done.json"
 DECODER = {"small": True, "sd": False}
 DECODER_RENDERS = 256
 DECODER_LR = 3e-4
-DECODER_KEEP_RENDERS = True
 DECODER_LATENT_NOISE = 0.1
 # A full run's decoder loss weights object pixels x5 and their outline x5 more, as the base
 # recipe's decoder stage does (a plain MSE barely sees a small shape's outline). Measured (64
@@ -312,12 +312,7 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     decoder = prepare_decoder(s, cfg) if cfg.train_decoder else []
     # the decoder's own prior preservation: reconstructing renders of the world keeps it able
     # to draw everything else (see DECODER_RENDERS)
-    keep = None
-    if decoder and not cfg.lora:
-        keep = world_renders(s, DECODER_RENDERS)
-    elif decoder:  # LoRA adapters: measured with the model's samples (renders not measured)
-        keep = world if world is not None else s.load_images(
-            ensure_class_images(s, cfg, prompt=""), seed_offset=2)
+    keep = world_renders(s, DECODER_RENDERS) if decoder else None
     model_params = [p for m in trained for p in m.parameters() if p.requires_grad]
     decoder_params = [p for m in decoder for p in m.parameters() if p.requires_grad]
     params = model_params + decoder_params
@@ -347,12 +342,9 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     decoded_instance = instance
     if decoder and DECODER_BACKGROUNDS and s.scale == "small":
         decoded_instance = on_other_backgrounds(instance, s.components.vae)
-    # (images, batch size) the decoder reconstructs each step; a full run's renders replace the
-    # class samples there (see DECODER_KEEP_RENDERS)
-    if keep is not None and not cfg.lora and DECODER_KEEP_RENDERS:
-        decoded_sets = [(decoded_instance, cfg.batch_size), (keep, 2 * cfg.batch_size)]
-    else:
-        decoded_sets = [(x, cfg.batch_size) for x in (decoded_instance, prior, keep) if x is not None]
+    # (images, batch size) the decoder reconstructs each step: the instance and twice as many
+    # renders (see DECODER_RENDERS)
+    decoded_sets = [(decoded_instance, cfg.batch_size), (keep, 2 * cfg.batch_size)]
 
     def make_batch(step: int):
         latents, picks = s.batch(instance, step, cfg.batch_size)
