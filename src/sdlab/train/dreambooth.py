@@ -330,14 +330,14 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
 
     def prompts_for(images: ImageSet, picks: list[int], prompt: str, rng: random.Random,
                     captioned: ImageSet | None = None) -> list[str]:
-        """The picked images' captions (the prompt where none); `captioned`'s background
-        captions half the time, as the base recipe keeps each clause: always kept, `a yellow
-        sks` without one fell back to the class (star 0.56 -> 0.19 of seeds)."""
-        plain = [format_caption(images.captions[i], prompt, prompt) for i in picks]
+        """The picked images' captions (the prompt where none). With `captioned` (small
+        models' instance images) its captions, from a caption file or the background, half the
+        time and the bare prompt otherwise, as the base recipe keeps each clause: always kept,
+        `a yellow sks` alone fell back to the class (star 0.56 -> 0.19 of seeds)."""
         if captioned is None:
-            return plain
+            return [format_caption(images.captions[i], prompt, prompt) for i in picks]
         rich = [format_caption(captioned.captions[i], prompt, prompt) for i in picks]
-        return [r if rng.random() < 0.5 else p for r, p in zip(rich, plain)]
+        return [r if rng.random() < 0.5 else prompt for r in rich]
 
     decoded_instance = instance
     if decoder and DECODER_BACKGROUNDS and s.scale == "small":
