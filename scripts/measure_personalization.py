@@ -8,7 +8,7 @@ prompts do NOT use, so `on a white/blue background` tests composition, not memor
   Dreambooth         `a yellow sks`, prior preservation with `a yellow circle` (the nearest shape
                      the model knows, so that `yellow X` does not drift to stars)
                      judged on `a yellow sks`, `a yellow sks on a blue background`
-  Dreambooth LoRA    the same, rank 4
+  Dreambooth LoRA    the same, at the recipe's rank (--rank)
 
 Each judged prompt gets --n images (seeds 0..n-1), judged by sdlab.shapes.judge against the
 attributes of the equivalent plain caption (parse_prompt: `a green triangle on a white
@@ -130,7 +130,7 @@ def run_dreambooth(args, data: Path, out: Path, lora: bool) -> dict:
     from sdlab.personalize import apply_personalization
     from sdlab.train.dreambooth import DreamboothConfig, train_dreambooth
     cfg = DreamboothConfig(model=args.model, images=str(data), instance_prompt=INSTANCE_PROMPT,
-                           class_prompt=CLASS_PROMPT, prior_preservation=True, lora=lora, rank=4,
+                           class_prompt=CLASS_PROMPT, prior_preservation=True, lora=lora, rank=args.rank,
                            out=str(out / ("lora" if lora else "dreambooth")), steps=args.steps,
                            lr=args.lr,
                            seed=args.seed, num_class_images=args.class_images,
@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=["ti", "dreambooth", "lora"])
     p.add_argument("--train-decoder", action=argparse.BooleanOptionalAction, default=None,
                    help="Dreambooth's decoder fine-tune (default: the recipe's)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="LoRA rank of the UNet's adapters (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 steps, 4 images, 8 prompts")

@@ -407,3 +407,16 @@ def test_world_renders_are_the_decoders_preservation_set(model):
     corners = ((renders.pixels[:, 0, :, 0, 0] + 1) * 127.5).round().int().tolist()
     assert all(tuple(c) in PALETTE.values() for c in corners)  # plain palette backgrounds
     assert torch.equal(world_renders(session, 4).pixels, renders.pixels)  # seeded
+
+
+def test_lora_rank_defaults_by_model_size():
+    from types import SimpleNamespace
+
+    from sdlab.train.personal import fill_defaults
+
+    def filled(width: int, **kw) -> DreamboothConfig:
+        cfg = DreamboothConfig(model="m", images="i", out="o", instance_prompt="a sks", lora=True, **kw)
+        fill_defaults(cfg, "lora", SimpleNamespace(defaults=SimpleNamespace(width=width)))
+        return cfg
+    assert filled(64).rank == 8 and filled(512).rank == 4
+    assert filled(64, rank=2).rank == 2

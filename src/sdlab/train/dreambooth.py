@@ -3,7 +3,7 @@ LoRA.
 
     sdlab train dreambooth --model shapes --images DIR --instance-prompt "a yellow sks" --out DIR
         [--class-prompt "a yellow circle" --prior-preservation] [--train-text-encoder]
-        [--lora --rank 4]
+        [--lora [--rank R]]
 
 Full fine-tuning trains the UNet (and with --train-text-encoder the text encoder) and writes a
 diffusers-format model folder: everything of the source model is copied except the trained parts,
@@ -59,7 +59,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # On the small models attention adapters alone cannot draw a new shape (measured: `a yellow sks`
 # 0.06 of seeds; 0.34-0.38 with these), so the ResNet convolutions and the transformer blocks'
-# projections get adapters too; rank 4 on all of them is about 0.5 MB in fp16.
+# projections get adapters too; rank 4 on all of them is about 0.5 MB in fp16, rank 8 about 1 MB.
 UNET_LORA_TARGETS_SMALL = UNET_LORA_TARGETS + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                                                "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -83,6 +83,10 @@ DONE_FILE = "done.json"
 # 0.06; docs/measurements/personalization/dreambooth-decoder-ablations-2026-12-01.json).
 DECODER = {"small": True, "sd": False}
 DECODER_RENDERS = 256
+# With the base UNet's latents a lower decoder lr keeps more of the world (300 full prompts: 0.84 at
+# 1e-4-1.5e-4, 0.77 at 3e-4, 0.80 at 3e-4 with no instance image at all), but the full recipe at
+# 1.5e-4, where the decoder draws the tuned UNet's latents, measured level or worse (full 0.71 vs
+# 0.727, star 0.66 vs 0.72 on 128 seeds; decoder-lr-2026-12-02.json there).
 DECODER_LR = 3e-4
 DECODER_LATENT_NOISE = 0.1
 # A full run's decoder loss weights object pixels x5 and their outline x5 more, as the base
@@ -124,7 +128,7 @@ class DreamboothConfig(TrainConfig):
     prior_loss_weight: float = 1.0
     train_text_encoder: bool = False
     lora: bool = False
-    rank: int = 4
+    rank: int | None = None  # None: by model size (personal.LORA_RANK)
     class_data_dir: str | None = None
     save_dtype: str = "fp16"
     train_decoder: bool | None = None  # None: on for small models (see DECODER)
@@ -141,7 +145,7 @@ class DreamboothConfig(TrainConfig):
             raise InputError("--prior-preservation needs --class-prompt")
         if self.num_class_images is not None and self.num_class_images < 1:
             raise InputError(f"num-class-images must be >= 1, got {self.num_class_images}")
-        if self.rank < 1:
+        if self.rank is not None and self.rank < 1:
             raise InputError(f"rank must be >= 1, got {self.rank}")
         if self.decoder_lr is not None and self.decoder_lr <= 0:
             raise InputError(f"decoder lr must be > 0, got {self.decoder_lr}")

@@ -56,7 +56,8 @@ def register_all(recipes) -> None:
     db.add_argument("--class-data-dir", default=None, help="cache folder of class images")
     db.add_argument("--train-text-encoder", action="store_true")
     db.add_argument("--lora", action="store_true", help="train a LoRA instead of the full model")
-    db.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    db.add_argument("--rank", type=int, default=None,
+                    help="LoRA rank of the UNet's adapters (default: 8 on the small models, 4 on SD)")
     db.add_argument("--train-decoder", action=argparse.BooleanOptionalAction, default=None,
                     help="also fine-tune the VAE decoder on the images (default: on for the small "
                          "Shapes models, whose VAE never saw shapes outside their world)")
