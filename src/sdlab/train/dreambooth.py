@@ -24,10 +24,11 @@ cached in a folder keyed by the model (path and weights' size and time), prompt,
 under --class-data-dir, else $SDLAB_CACHE or ~/.cache/sdlab, in class-images/.
 
 On the small models (--train-decoder, on by default there; see DECODER) the VAE decoder learns
-too, to reconstruct the instance images: a full run saves the tuned `vae/`, a LoRA run adds
-decoder adapters to its file under `vae.` keys. There, prior preservation also replays the model's
-own samples of random Shapes captions (--world-prior, see WORLD_PRIOR), and LoRA adapters cover
-the UNet's convolutions as well as its attention (UNET_LORA_TARGETS_SMALL).
+too, to reconstruct the instance images and renders of the world: a full run saves the tuned
+`vae/`, a LoRA run adds decoder adapters to its file under `vae.` keys. There, prior preservation
+also replays the model's own samples of random Shapes captions (--world-prior, see WORLD_PRIOR),
+and LoRA adapters (rank 8 by default) cover the UNet's convolutions as well as its attention
+(UNET_LORA_TARGETS_SMALL).
 
 Defaults (see sdlab.train.personal): small models 300 steps, batch 8 (+8 class, +8 world samples
 with prior preservation), lr 1e-4 full /
@@ -104,7 +105,7 @@ DECODER_BACKGROUNDS = True
 # Prior preservation on the small models also replays the model's own samples for random captions
 # of the Shapes grammar (with those captions): the class prompt alone keeps `a yellow circle`
 # but lets every other prompt drift (measured with the base VAE: full-prompt accuracy 0.86 -> 0.57
-# from the tuned UNet; 0.69-0.75 with these samples). They are the decoder's preservation set too.
+# from the tuned UNet; 0.69-0.75 with these samples). The decoder keeps renders instead (above).
 WORLD_PRIOR = {"small": True, "sd": False}
 WORLD_PROMPT = "shapes world captions"  # the cache key of those samples
 # On the small models one-object instance images without caption files are captioned
@@ -181,13 +182,12 @@ def class_folder(cfg: DreamboothConfig, n: int, prompt: str | None = None) -> Pa
     return cache_root(cfg) / f"{slug}-{n}-{digest}"
 
 
-def ensure_class_images(s: Session, cfg: DreamboothConfig, prompt: str | None = None) -> Path:
-    """Generate (once; the main process) images of the class prompt (or `prompt`) with the
-    untrained model."""
-    prompt = cfg.class_prompt if prompt is None else prompt
+def ensure_class_images(s: Session, cfg: DreamboothConfig) -> Path:
+    """Generate (once; the main process) images of the class prompt with the untrained model."""
     n = cfg.num_class_images or CLASS_IMAGES[s.scale]
-    folder = class_folder(cfg, n, prompt)
-    _generate_once(s, cfg, folder, [prompt] * n, {"prompt": prompt}, "class images")
+    folder = class_folder(cfg, n)
+    _generate_once(s, cfg, folder, [cfg.class_prompt] * n, {"prompt": cfg.class_prompt},
+                   "class images")
     return folder
 
 
