@@ -34,8 +34,13 @@ torch.manual_seed(0)
 OUT = Path("runs/probe")
 OUT.mkdir(parents=True, exist_ok=True)
 pipe = sdlab.load("shapes")
+
+
+def fresh_vae():
+    return sdlab.load("shapes").components.vae.float()
+
+
 vae = pipe.components.vae.float()
-base_state = {k: v.clone() for k, v in vae.state_dict().items()}
 
 # the base UNet's latents for 300 full prompts (seed 5000), cached
 lat_file = OUT / "latents.pt"
@@ -93,7 +98,7 @@ def evaluate():
     st = [is_right(judge(im), {"shape": "star", "color": "yellow"}) for im in imgs]
     r["star_recon"] = float(np.mean([all(x.values()) for x in st]))
     r["star_recon_by_size"] = {sz: float(np.mean([all(x.values()) for x, s in zip(st, star_scenes)
-                                                  if s.size == sz])) for sz in ("small", "medium", "large")}
+                                                  if s.size == sz])) for sz in ("small", "large")}
     imgs = decode(world_lat)
     r["world_recon"] = float(np.mean([all(is_right(judge(im), scene_attrs(s)).values())
                                       for im, s in zip(imgs, world_scenes)]))
@@ -102,8 +107,7 @@ def evaluate():
 
 # the 8 instance images as measure_personalization makes them (seed 1, backgrounds not blue)
 folder = render_set(OUT / "stars", "yellow", "star", {"blue"}, None, 1)
-inst_pixels = images_to_tensor(np.stack([np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB"))
-                                         for p in sorted(folder.glob("*.png"))]))
+inst_pixels = torch.stack([im.pixels for im in data.load_folder(folder, 64)])  # as Session loads
 inst = ImageSet(encode(inst_pixels)[:, None], [None] * 8, data.Sampler(8, 1, 3), inst_pixels[:, None])
 decoded_inst = on_other_backgrounds(inst, vae)
 
@@ -123,7 +127,7 @@ def world_render_set(n, seed, yellow_share=0.0):
 def tune(steps=300, lr=3e-4, renders=16, n_renders=256, inst_batch=8, noise=0.1, weights=(4.0, 4.0),
          inst_weight=1.0, yellow_share=0.0, seed=0, min_bbox=0, lora=0):
     global vae
-    vae = sdlab.load("shapes").components.vae.float()
+    vae = fresh_vae()
     if lora:
         from peft import LoraConfig
         from sdlab.train.dreambooth import DECODER_LORA_TARGETS
@@ -183,7 +187,7 @@ for arg in sys.argv[1:]:
     if name != "base":
         tune(**kw)
     else:
-        vae.load_state_dict(base_state)
+        vae = fresh_vae()
     r = evaluate()
     r["kw"] = kw
     r["seconds"] = round(time.time() - t)
