@@ -71,6 +71,34 @@ def test_train_base_writes_a_loadable_model_and_resumes(tmp_path):
         diffs = [(p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())]
         assert max(diffs) < 1e-3  # 3 steps at lr 1e-9 from the init, not from random weights
     assert (tuned.defaults.guidance_cap, tuned.defaults.guidance_cap_below) == (1.5, 0.6)
+    # a new UNet (its own levels: not the init's) beside a trained model's text encoder
+    for done in ("unet_ema", "unet_run"):
+        shutil.rmtree(tmp_path / "run" / done)
+    cfg4 = _config(tmp_path, stages=["unet", "export"], text_encoder_init=str(init), unet_lr=1e-9,
+                   unet_attention=[False, True])
+    r = _sdlab("train", "base", "--config", str(cfg4))
+    assert r.returncode == 0, r.stderr[-2000:]
+    fresh = sdlab.load(str(model), device="cpu").components
+    assert fresh.unet.config.down_block_types == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    te_diff = max((p - q).abs().max().item() for p, q in
+                  zip(fresh.text_encoder.parameters(), start.text_encoder.parameters()))
+    assert te_diff < 1e-3
+
+
+def test_unet_levels_follow_the_config():
+    from sdlab.errors import InputError
+    from sdlab.train.base import BaseConfig, make_unet
+    cfg = BaseConfig(vae_channels=(16, 16, 16), unet_channels=(32, 32, 32), text_hidden=32,
+                     unet_attention=(False, True, False))
+    unet = make_unet(cfg)
+    assert unet.config.sample_size == 16  # a 3-level VAE: 64 / 4
+    assert list(unet.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    assert list(unet.config.up_block_types) == ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    default = make_unet(BaseConfig(unet_channels=(32, 32), text_hidden=32))  # SD's layout
+    assert default.config.sample_size == 8
+    assert list(default.config.down_block_types) == ["CrossAttnDownBlock2D", "DownBlock2D"]
+    with pytest.raises(InputError, match="2 levels"):
+        make_unet(BaseConfig(unet_channels=(32, 32, 32), unet_attention=(True, False)))
 
 
 def test_object_cells_cover_the_object_box_and_its_margin():

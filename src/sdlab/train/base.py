@@ -40,6 +40,9 @@ class BaseConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # the decoder stage's object and outline weights, in the VAE's own training (0: plain L1 + L2)
+    vae_object_weight: float = 0.0
+    vae_edge_weight: float = 0.0
     # decoder fine-tune on the frozen encoder's latents, objects weighted up (small shapes blur)
     decoder_steps: int = 1500
     decoder_lr: float = 3e-4
@@ -54,6 +57,8 @@ class BaseConfig:
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_layers_per_block: int = 1
     unet_attention_head_dim: int = 8
+    # cross-attention per resolution level; None: every level but the lowest, as in SD
+    unet_attention: tuple[bool, ...] | None = None
     unet_steps: int = 6000
     unet_batch: int = 64
     unet_lr: float = 5e-4
@@ -67,6 +72,8 @@ class BaseConfig:
     # a model (name or folder) whose UNet and text encoder the UNet stage starts from instead of
     # random weights: a fine-tune of a trained model (its VAE must be this run's)
     unet_init: str | None = None
+    # a model whose text encoder (only) the UNet stage starts from: a new UNet, words already learnt
+    text_encoder_init: str | None = None
     ema_decay: float = 0.999
     checkpoint_minutes: float = 5.0
     # defaults written into the model for `sdlab generate`
@@ -145,14 +152,22 @@ def make_text_encoder(cfg: BaseConfig):
     return CLIPTextModel(config)
 
 
-def make_unet(cfg: BaseConfig, sample_size: int = 8):
+def latent_size(cfg: BaseConfig) -> int:
+    """The latents' side: each VAE level after the first halves the canvas."""
+    return CANVAS // 2 ** (len(cfg.vae_channels) - 1)
+
+
+def make_unet(cfg: BaseConfig):
     from diffusers import UNet2DConditionModel
     n = len(cfg.unet_channels)
+    attention = cfg.unet_attention or (True,) * (n - 1) + (False,)
+    if len(attention) != n:
+        raise InputError(f"unet_attention has {len(attention)} levels, unet_channels {n}")
     return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4,
+        sample_size=latent_size(cfg), in_channels=4, out_channels=4,
         block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_attention_head_dim,
         norm_num_groups=32)
 
@@ -205,7 +220,8 @@ def stage_vae(cfg: BaseConfig, out: Path, resume: bool) -> None:
         dist = model.encode(x).latent_dist
         recon = model.decode(dist.sample()).sample
         kl = dist.kl().mean()
-        return torch.nn.functional.mse_loss(recon, x) + (recon - x).abs().mean() + cfg.vae_kl_weight * kl
+        return (outline_weighted_loss(recon, x, cfg.vae_object_weight, cfg.vae_edge_weight)
+                + cfg.vae_kl_weight * kl)
 
     lc = loop.LoopConfig(steps=cfg.vae_steps, out_dir=out / "vae_run", lr=cfg.vae_lr,
                          warmup_steps=50, cosine_decay=True, desc="vae",
@@ -221,10 +237,24 @@ def stage_vae(cfg: BaseConfig, out: Path, resume: bool) -> None:
             recon = torch.cat([model.decode(c).sample for c in z.split(128)])
             err = ((recon.clamp(-1, 1) - x).abs() * 127.5).mean().item()
         model.save_pretrained(final)
+        shapes = judged_shapes(recon, load_scenes(out)[: len(recon)])
         (out / "vae_report.json").write_text(json.dumps(
-            {"mean_abs_error_0_255": err, "scaling_factor": float(1 / z.std())}))
-        print(f"vae: mean absolute reconstruction error {err:.2f}/255, scaling factor {1 / z.std():.4f}")
+            {"mean_abs_error_0_255": err, "scaling_factor": float(1 / z.std()),
+             "judged_shape_of_reconstructions": shapes}, indent=1))
+        print(f"vae: mean absolute reconstruction error {err:.2f}/255, scaling factor {1 / z.std():.4f}, "
+              f"shape judged right in reconstructions: {shapes}")
     accelerator.wait_for_everyone()
+
+
+def judged_shapes(recon: torch.Tensor, scenes: list[Scene]) -> dict[str, float]:
+    """Share of reconstructions whose shape the judge sees as the scene's, per size and shape:
+    what the latents can carry at all (small shapes are what a coarse latent loses)."""
+    from sdlab.shapes.judge import judge
+    pixels = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    right: dict[str, list[bool]] = {}
+    for image, scene in zip(pixels, scenes):
+        right.setdefault(f"{scene.size} {scene.shape}", []).append(judge(image).shape == scene.shape)
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
 
 
 def stage_latents(cfg: BaseConfig, out: Path) -> None:
@@ -367,8 +397,12 @@ def stage_unet(cfg: BaseConfig, out: Path, resume: bool) -> None:
     latents = torch.load(out / "latents.pt")
     scenes = load_scenes(out)
     noise_scheduler = DDPMScheduler.from_config(scheduler_config())
-    models = (trained_unet_and_text_encoder(cfg.unet_init) if cfg.unet_init
-              else (make_unet(cfg), make_text_encoder(cfg)))
+    if cfg.unet_init:
+        models = trained_unet_and_text_encoder(cfg.unet_init)
+    elif cfg.text_encoder_init:
+        models = make_unet(cfg), trained_unet_and_text_encoder(cfg.text_encoder_init)[1]
+    else:
+        models = make_unet(cfg), make_text_encoder(cfg)
     unet, text_encoder = accelerator.prepare(*models)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = loop.EMA(params, cfg.ema_decay)
