@@ -2,7 +2,7 @@
 
 Stages, each resumable and skipped once its output exists:
   1. data     render N scenes of the base training set (held-out shapes and green triangle excluded)
-  2. vae      AutoencoderKL, 64x64 RGB -> 4 x 8 x 8 latents
+  2. vae      AutoencoderKL, 64x64 RGB -> 4 x 8 x 8 latents (4 x 16 x 16 with vae_channels of 3 levels)
   3. latents  encode every image once, so UNet steps never touch the VAE
   4. unet     UNet2DConditionModel + CLIPTextModel trained jointly, caption dropout for CFG, EMA
   5. export   a diffusers-format folder in fp16 safetensors, loadable like any SD folder
