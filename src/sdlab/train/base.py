@@ -397,13 +397,10 @@ def stage_unet(cfg: BaseConfig, out: Path, resume: bool) -> None:
     latents = torch.load(out / "latents.pt")
     scenes = load_scenes(out)
     noise_scheduler = DDPMScheduler.from_config(scheduler_config())
-    if cfg.unet_init:
-        models = trained_unet_and_text_encoder(cfg.unet_init)
-    elif cfg.text_encoder_init:
-        models = make_unet(cfg), trained_unet_and_text_encoder(cfg.text_encoder_init)[1]
-    else:
-        models = make_unet(cfg), make_text_encoder(cfg)
-    unet, text_encoder = accelerator.prepare(*models)
+    text_encoder_init = cfg.unet_init or cfg.text_encoder_init
+    unet, text_encoder = accelerator.prepare(
+        trained_part(cfg.unet_init, "unet") if cfg.unet_init else make_unet(cfg),
+        trained_part(text_encoder_init, "text_encoder") if text_encoder_init else make_text_encoder(cfg))
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = loop.EMA(params, cfg.ema_decay)
     accelerator.register_for_checkpointing(ema)
@@ -440,15 +437,14 @@ def stage_unet(cfg: BaseConfig, out: Path, resume: bool) -> None:
     _export_ema(cfg, out, accelerator, unet, text_encoder, ema, final)
 
 
-def trained_unet_and_text_encoder(model: str):
-    """A trained model's UNet and text encoder in fp32, to fine-tune."""
+def trained_part(model: str, part: str):
+    """A trained model's `unet` or `text_encoder` in fp32, to fine-tune."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from sdlab.components import resolve_model_path
-    path = resolve_model_path(model)
-    return (UNet2DConditionModel.from_pretrained(path / "unet").float(),
-            CLIPTextModel.from_pretrained(path / "text_encoder").float())
+    cls = UNet2DConditionModel if part == "unet" else CLIPTextModel
+    return cls.from_pretrained(resolve_model_path(model) / part).float()
 
 
 def _export_ema(cfg, out, accelerator, unet, text_encoder, ema, dest: Path) -> None:
