@@ -9,7 +9,7 @@ def add_parser(sub) -> None:
     recipes = train.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
 
     base = recipes.add_parser("base", help="train the embedded Shapes model from nothing")
-    base.add_argument("--config", default=None, help="JSON config (see configs/shapes.json)")
+    base.add_argument("--config", default=None, help="JSON config (see configs/shapes16.json)")
     base.add_argument("--out", default=None, help="run folder (overrides the config's out_dir)")
     base.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     base.add_argument("--stages", nargs="+", default=None,
