@@ -39,7 +39,6 @@ def main() -> None:
                           "blue_without": negative["blue_share_without"],
                           "blue_with": negative["blue_share_with"],
                           "drop": negative["relative_drop"]}), flush=True)
-    pipe.components.defaults = defaults
 
 
 if __name__ == "__main__":

@@ -443,7 +443,7 @@ def trained_part(model: str, part: str):
     from transformers import CLIPTextModel
 
     from sdlab.components import resolve_model_path
-    cls = UNet2DConditionModel if part == "unet" else CLIPTextModel
+    cls = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}[part]
     return cls.from_pretrained(resolve_model_path(model) / part).float()
 
 
