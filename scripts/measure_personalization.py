@@ -136,7 +136,8 @@ def run_dreambooth(args, data: Path, out: Path, lora: bool) -> dict:
                            seed=args.seed, num_class_images=args.class_images,
                            class_data_dir=str(out / "class-images"),
                            validation_prompts=[j.prompt for j in DB_PROMPTS],
-                           train_decoder=args.train_decoder)
+                           train_decoder=args.train_decoder,
+                           prior_loss_weight=args.prior_loss_weight)
     path, seconds = timed(train_dreambooth, cfg)
     if lora:
         pipe = sdlab.load(args.model, device=args.device)
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions", choices=["sidecar", "none"], default="sidecar")
     p.add_argument("--recipes", nargs="+", choices=["ti", "dreambooth", "lora"],
                    default=["ti", "dreambooth", "lora"])
+    p.add_argument("--prior-loss-weight", type=float, default=1.0,
+                   help="Dreambooth's --prior-loss-weight")
     p.add_argument("--train-decoder", action=argparse.BooleanOptionalAction, default=None,
                    help="Dreambooth's decoder fine-tune (default: the recipe's)")
     p.add_argument("--rank", type=int, default=None,
