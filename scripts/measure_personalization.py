@@ -137,7 +137,8 @@ def run_dreambooth(args, data: Path, out: Path, lora: bool) -> dict:
                            class_data_dir=str(out / "class-images"),
                            validation_prompts=[j.prompt for j in DB_PROMPTS],
                            train_decoder=args.train_decoder,
-                           prior_loss_weight=args.prior_loss_weight)
+                           prior_loss_weight=args.prior_loss_weight,
+                           train_text_encoder=args.train_text_encoder)
     path, seconds = timed(train_dreambooth, cfg)
     if lora:
         pipe = sdlab.load(args.model, device=args.device)
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions", choices=["sidecar", "none"], default="sidecar")
     p.add_argument("--recipes", nargs="+", choices=["ti", "dreambooth", "lora"],
                    default=["ti", "dreambooth", "lora"])
+    p.add_argument("--train-text-encoder", action="store_true",
+                   help="Dreambooth's --train-text-encoder")
     p.add_argument("--prior-loss-weight", type=float, default=1.0,
                    help="Dreambooth's --prior-loss-weight")
     p.add_argument("--train-decoder", action=argparse.BooleanOptionalAction, default=None,
