@@ -16,9 +16,11 @@
 # Then measure_distill.py (not in the training budget): ~5 min for 200 prompts per row.
 # On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids thread-barrier stalls.
 #
-# The shipped shapes-fast came from this script run on `shapes` before its tag fine-tune, then
-# stage 1 re-run from that student against the fine-tuned teacher (`--student-init shapes-fast
-# --rounds 0 --end-steps 4 --stage1-steps 1000 --lr 1e-4`, 14 min on 2 cores; see its model card).
+# The budget figures above are the previous `shapes` (8x8 latents). The shipped shapes-fast of the
+# current one (16x16 latents) is stage 1 alone, w in [1, 5]: `sdlab distill guided --model shapes
+# --out runs/distill16 --w-min 1 --w-max 5 --rounds 0 --end-steps 4 --stage1-steps 1800
+# --batch-size 32 --lr 2e-4 --name shapes-fast` (~20 min on 2 cores); its rounds, LCM student and
+# sweep: README, "Go fast".
 #
 # Environment overrides: SDLAB (the sdlab command), PYTHON, TEACHER (default: the embedded
 # `shapes`; runs/shapes/model works too), OUT (default runs/distill), INSTALL=0 to not install

@@ -137,8 +137,9 @@ def run_dreambooth(args, data: Path, out: Path, lora: bool) -> dict:
                            class_data_dir=str(out / "class-images"),
                            validation_prompts=[j.prompt for j in DB_PROMPTS],
                            train_decoder=args.train_decoder,
-                           prior_loss_weight=args.prior_loss_weight,
-                           train_text_encoder=args.train_text_encoder)
+                           train_text_encoder=args.train_text_encoder,
+                           **({} if args.prior_loss_weight is None
+                              else {"prior_loss_weight": args.prior_loss_weight}))
     path, seconds = timed(train_dreambooth, cfg)
     if lora:
         pipe = sdlab.load(args.model, device=args.device)
@@ -191,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=["ti", "dreambooth", "lora"])
     p.add_argument("--train-text-encoder", action="store_true",
                    help="Dreambooth's --train-text-encoder")
-    p.add_argument("--prior-loss-weight", type=float, default=1.0,
-                   help="Dreambooth's --prior-loss-weight")
+    p.add_argument("--prior-loss-weight", type=float, default=None,
+                   help="Dreambooth's --prior-loss-weight (default: the recipe's)")
     p.add_argument("--train-decoder", action=argparse.BooleanOptionalAction, default=None,
                    help="Dreambooth's decoder fine-tune (default: the recipe's)")
     p.add_argument("--rank", type=int, default=None,
