@@ -2,7 +2,8 @@
 
 The base model never saw a green triangle (held-out combination) nor a star (held-out shape). From 8
 rendered images each (varied size and position; backgrounds drawn from the colours the judged
-prompts do NOT use, so `on a white/blue background` tests composition, not memory):
+prompts do NOT use, so `on a white/blue background` tests composition, not memory; with
+`--star-backgrounds any` the stars' backgrounds may be blue too, as the issue's own test allows):
 
   textual inversion  <gt> (init: triangle)          judged on `a <gt> on a white background`
   Dreambooth         `a yellow sks`, prior preservation with `a yellow circle` (the nearest shape
@@ -138,6 +139,7 @@ def run_dreambooth(args, data: Path, out: Path, lora: bool) -> dict:
                            validation_prompts=[j.prompt for j in DB_PROMPTS],
                            train_decoder=args.train_decoder,
                            train_text_encoder=args.train_text_encoder,
+                           background_copies=args.background_copies,
                            **({} if args.prior_loss_weight is None
                               else {"prior_loss_weight": args.prior_loss_weight}))
     path, seconds = timed(train_dreambooth, cfg)
@@ -188,10 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipes')")
     p.add_argument("--class-images", type=int, default=None)
     p.add_argument("--captions", choices=["sidecar", "none"], default="sidecar")
+    p.add_argument("--star-backgrounds", choices=["not-blue", "any"], default="not-blue",
+                   help="the star renders' backgrounds: never blue (composition, the default) or "
+                        "any colour but yellow (as the issue's judge may draw them)")
     p.add_argument("--recipes", nargs="+", choices=["ti", "dreambooth", "lora"],
                    default=["ti", "dreambooth", "lora"])
     p.add_argument("--train-text-encoder", action="store_true",
                    help="Dreambooth's --train-text-encoder")
+    p.add_argument("--background-copies", type=float, default=0.0,
+                   help="Dreambooth's --background-copies (default 0)")
     p.add_argument("--prior-loss-weight", type=float, default=None,
                    help="Dreambooth's --prior-loss-weight (default: the recipe's)")
     p.add_argument("--train-decoder", action=argparse.BooleanOptionalAction, default=None,
@@ -211,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                            "a {size} {{}} in the {position} on {an} {background} background"
                            if sidecar else None,
                            args.seed)
-    stars = render_set(out / "data" / "yellow-star", "yellow", "star", {"blue"},
+    avoid = {"blue"} if args.star_backgrounds == "not-blue" else set()
+    stars = render_set(out / "data" / "yellow-star", "yellow", "star", avoid,
                        "{{}} in the {position} on {an} {background} background" if sidecar else None,
                        args.seed + 1)
 

@@ -420,3 +420,31 @@ def test_lora_rank_defaults_by_model_size():
         return cfg
     assert filled(64).rank == 8 and filled(512).rank == 4
     assert filled(64, rank=2).rank == 2
+
+
+def test_background_copies_show_the_unet_the_subject_on_other_backgrounds(model, tmp_path,
+                                                                           monkeypatch):
+    from sdlab.shapes.world import Scene, render
+    from sdlab.train.personal import Session
+    folder = tmp_path / "stars"
+    folder.mkdir()
+    for i, center in enumerate([(24, 24), (40, 36)]):  # at the tiny model's 32 px: no resampling
+        star = Image.fromarray(render(Scene("star", "yellow", "large", "center", "red", 32, center)))
+        star.resize((32, 32), Image.BOX).save(folder / f"{i}.png")
+    seen: list[str] = []
+    token_ids = Session.token_ids
+    monkeypatch.setattr(Session, "token_ids", lambda s, prompts: (seen.extend(prompts),
+                                                                  token_ids(s, prompts))[1])
+    backgrounds = {}
+    for share in (0.0, 1.0):
+        seen.clear()
+        cfg = DreamboothConfig(**common(model, folder, tmp_path / f"db-{share}", steps=3,
+                                        batch_size=4, lr=1e-3),
+                               instance_prompt="a sks", background_copies=share)
+        train_dreambooth(cfg)
+        backgrounds[share] = {p.split()[-2] for p in seen if p.endswith("background")}
+    assert backgrounds[0.0] == {"red"}  # the images' own background only
+    assert len(backgrounds[1.0] - {"red"}) >= 2  # copies on other palette backgrounds
+    with pytest.raises(InputError, match="background copies"):
+        DreamboothConfig(model="m", images="i", out="o", instance_prompt="a sks",
+                         background_copies=1.5).check()

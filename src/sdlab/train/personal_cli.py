@@ -65,6 +65,11 @@ def register_all(recipes) -> None:
     db.add_argument("--world-prior", action=argparse.BooleanOptionalAction, default=None,
                     help="with --prior-preservation, also replay the model's own samples of "
                          "random Shapes captions (default: on for the small Shapes models)")
+    db.add_argument("--background-copies", type=float, default=0.0, metavar="SHARE",
+                    help="share (0-1) of the UNet's instance batch drawn from the images' copies on "
+                         "every other palette background (two-tone Shapes images only): the subject "
+                         "on backgrounds it was never shown, at some cost in fidelity and drift "
+                         "(default 0)")
     db.add_argument("--save-dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
     db.add_argument("--out", required=True, metavar="DIR",
                     help="model folder (full) or folder of the LoRA file (--lora)")
