@@ -139,9 +139,9 @@ def run_dreambooth(args, data: Path, out: Path, lora: bool) -> dict:
                            validation_prompts=[j.prompt for j in DB_PROMPTS],
                            train_decoder=args.train_decoder,
                            train_text_encoder=args.train_text_encoder,
-                           background_copies=args.background_copies,
-                           **({} if args.prior_loss_weight is None
-                              else {"prior_loss_weight": args.prior_loss_weight}))
+                           **{k: v for k, v in (("prior_loss_weight", args.prior_loss_weight),
+                                                ("background_copies", args.background_copies))
+                              if v is not None})  # None: the recipe's default
     path, seconds = timed(train_dreambooth, cfg)
     if lora:
         pipe = sdlab.load(args.model, device=args.device)
@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=["ti", "dreambooth", "lora"])
     p.add_argument("--train-text-encoder", action="store_true",
                    help="Dreambooth's --train-text-encoder")
-    p.add_argument("--background-copies", type=float, default=0.0,
-                   help="Dreambooth's --background-copies (default 0)")
+    p.add_argument("--background-copies", type=float, default=None,
+                   help="Dreambooth's --background-copies (default: the recipe's)")
     p.add_argument("--prior-loss-weight", type=float, default=None,
                    help="Dreambooth's --prior-loss-weight (default: the recipe's)")
     p.add_argument("--train-decoder", action=argparse.BooleanOptionalAction, default=None,

@@ -433,8 +433,11 @@ def test_background_copies_show_the_unet_the_subject_on_other_backgrounds(model,
         star.resize((32, 32), Image.BOX).save(folder / f"{i}.png")
     seen: list[str] = []
     token_ids = Session.token_ids
-    monkeypatch.setattr(Session, "token_ids", lambda s, prompts: (seen.extend(prompts),
-                                                                  token_ids(s, prompts))[1])
+
+    def recording(session, prompts):
+        seen.extend(prompts)
+        return token_ids(session, prompts)
+    monkeypatch.setattr(Session, "token_ids", recording)
     backgrounds = {}
     for share in (0.0, 1.0):
         seen.clear()

@@ -357,22 +357,21 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
         rich = [format_caption(captioned.captions[i], prompt, prompt) for i in picks]
         return [r if rng.random() < 0.5 else prompt for r in rich]
 
-    decoded_instance = instance
-    if decoder and DECODER_BACKGROUNDS and s.scale == "small":
-        decoded_instance = on_other_backgrounds(instance, s.components.vae)
+    # the instance images and their copies on every other background (captioned with it), encoded
+    # once for whichever of the decoder (DECODER_BACKGROUNDS) and the UNet (--background-copies)
+    # sees them; the decoder reads only latents and pixels
+    n_copies = round(cfg.background_copies * cfg.batch_size)
+    decoder_copies = bool(decoder) and DECODER_BACKGROUNDS and s.scale == "small"
+    copies = (on_other_backgrounds(instance, s.components.vae, template)
+              if n_copies or decoder_copies else None)
     # (images, batch size) the decoder reconstructs each step: half the instance batch and twice
     # as many renders (see DECODER_RENDERS). Decoding is most of a step's cost: the full instance
     # batch took 2.07 s a step against 1.26 s (0.60 s with no decoder tune) and measured level
     # (star 0.91 / 0.91, on blue 0.03 / 0.03, full after 0.883 / 0.871; 688 s vs 417 s)
-    decoded_sets = [(decoded_instance, max(1, cfg.batch_size // 2)), (keep, cfg.batch_size)]
-
-    # the UNet's instance batch: the images themselves and --background-copies of it their
-    # copies on other backgrounds (captioned with them, as instance_bg is)
-    n_copies = round(cfg.background_copies * cfg.batch_size)
-    instance_parts = [(instance, cfg.batch_size - n_copies, instance_bg)]
-    if n_copies:
-        copies = on_other_backgrounds(instance, s.components.vae, template)
-        instance_parts.append((copies, n_copies, copies))
+    decoded_sets = [(copies if decoder_copies else instance, max(1, cfg.batch_size // 2)),
+                    (keep, cfg.batch_size)]
+    # the UNet's instance batch: the images themselves and --background-copies of it the copies
+    instance_parts = [(instance, cfg.batch_size - n_copies, instance_bg), (copies, n_copies, copies)]
 
     def make_batch(step: int):
         rng = random.Random(f"{cfg.seed}/background/{step}/{s.accelerator.process_index}")
