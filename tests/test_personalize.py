@@ -394,6 +394,40 @@ def test_two_tone_images_on_every_other_palette_background(model):
     assert in_place.captions == ["{} on a red background", None] and in_place.latents is images.latents
 
 
+def test_two_tone_subjects_resized_large_or_to_both_sizes(model):
+    from sdlab.shapes.judge import judge
+    from sdlab.shapes.world import Scene, render
+    from sdlab.train.personal import ImageSet, resized_subjects
+    scenes = [Scene("star", "yellow", "small", "top left", "red", 16, (16, 16)),
+              Scene("star", "yellow", "large", "bottom right", "green", 33, (48, 48)),
+              Scene("triangle", "white", "small", "center", "blue", 14, (32, 32))]
+    renders = [render(s) for s in scenes]
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    pixels_ = torch.stack([data.to_tensor(Image.fromarray(a)) for a in renders + [noise]])[:, None]
+    images = ImageSet(torch.zeros(4, 1, 4, 8, 8), [None] * 4, data.Sampler(4), pixels_)
+    vae = sdlab.load(str(model), device="cpu").components.vae
+
+    def judged(pixels: torch.Tensor) -> list:
+        as_uint8 = ((pixels[:, 0] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        return [judge(a) for a in as_uint8]
+    large = resized_subjects(images, vae, "large", "{{}} on {an} {background} background")
+    assert large.pixels.shape[:2] == (4, 1) and large.latents.shape[:2] == (4, 1)
+    for scene, seen in zip(scenes, judged(large.pixels[:3])):
+        assert (seen.shape, seen.color, seen.background, seen.size) == (
+            scene.shape, scene.color, scene.background, "large")
+    assert torch.equal(large.pixels[1], pixels_[1]) and torch.equal(large.pixels[3], pixels_[3])
+    assert large.captions == ["{} on a red background", "{} on a green background",
+                              "{} on a blue background", None]
+    both = resized_subjects(images, vae, "both")
+    assert both.pixels.shape[:2] == (7, 1)  # the four images, then a copy of each two-tone one
+    assert torch.equal(both.pixels[:4], pixels_)
+    assert [s.size for s in judged(both.pixels[4:])] == ["large", "small", "large"]
+    assert both.captions == [None] * 7
+    with pytest.raises(InputError, match="subject size"):
+        DreamboothConfig(model="m", images="i", out="o", instance_prompt="a sks",
+                         subject_size="huge").check()
+
+
 def test_world_renders_are_the_decoders_preservation_set(model):
     from types import SimpleNamespace
 

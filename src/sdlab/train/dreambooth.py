@@ -53,8 +53,9 @@ from sdlab.errors import InputError
 from sdlab.shapes.world import render, sample_scene
 from sdlab.train import data
 from sdlab.train.base import images_to_tensor, outline_weighted_loss
-from sdlab.train.personal import (CLASS_IMAGES, ImageSet, Session, TrainConfig, format_caption,
-                                 on_other_backgrounds, with_background_captions)
+from sdlab.train.personal import (CLASS_IMAGES, SUBJECT_SIZES, ImageSet, Session, TrainConfig,
+                                 format_caption, on_other_backgrounds, resized_subjects,
+                                 with_background_captions)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -112,6 +113,16 @@ DECODER_OUTLINE_WEIGHTS = {"small": (4.0, 4.0), "sd": None}
 # letting the encoder learn too (world latents anchored) measured level (star 0.86, on blue 0.11;
 # vae-probe-2026-12-02.json); on blue the tuned UNet draws five-cornered blobs.
 DECODER_BACKGROUNDS = True
+# The small models' UNet binds the subject's size to the backgrounds it was shown on: from 8 star
+# renders whose large stars were on red, `a yellow sks on a blue background` drew small
+# five-cornered blobs (judged circles). There the UNet sees each two-tone instance image's
+# object at large size (small ones doubled about their centre; --subject-size large).
+# Measured (64 seeds, 256 full prompts, base 0.980): star / on blue / full after: as shown
+# 0.91 / 0.03 / 0.871-0.883; both sizes (each image and its other-size copy) 0.84 / 0.42 /
+# 0.852, still drawing 50 of 64 small on blue; large 0.95 / 0.97 / 0.863
+# (subject-size-2026-12-02.json in docs/measurements/personalization). A real model's subject
+# fills its photos; SD keeps the images as shown.
+SUBJECT_SIZE = {"small": "large", "sd": "as-shown"}
 # Prior preservation on the small models also replays the model's own samples for random captions
 # of the Shapes grammar (with those captions): the class prompt alone keeps `a yellow circle`
 # but lets every other prompt drift (measured with the base VAE: full-prompt accuracy 0.86 -> 0.57
@@ -146,6 +157,7 @@ class DreamboothConfig(TrainConfig):
     decoder_lr: float | None = None
     world_prior: bool | None = None  # None: on for small models with prior preservation (WORLD_PRIOR)
     background_copies: float = 0.0  # share of the UNet's instance batch; see DECODER_BACKGROUNDS
+    subject_size: str | None = None  # None: by model size (see SUBJECT_SIZE)
 
     def check(self) -> None:
         super().check()
@@ -164,6 +176,9 @@ class DreamboothConfig(TrainConfig):
         if not 0.0 <= self.background_copies <= 1.0:
             raise InputError(f"background copies must be between 0 and 1, got "
                              f"{self.background_copies}")
+        if self.subject_size is not None and self.subject_size not in SUBJECT_SIZES:
+            raise InputError(f"subject size must be one of {', '.join(SUBJECT_SIZES)}, "
+                             f"got {self.subject_size!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise InputError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}")
 
@@ -325,6 +340,7 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     if cfg.world_prior is None:
         cfg.world_prior = WORLD_PRIOR[s.scale] and cfg.prior_preservation
     cfg.decoder_lr = cfg.decoder_lr or DECODER_LR
+    cfg.subject_size = cfg.subject_size or SUBJECT_SIZE[s.scale]
     world = s.load_images(ensure_world_images(s, cfg), seed_offset=2) if cfg.world_prior else None
     trained = prepare_models(s, cfg)
     decoder = prepare_decoder(s, cfg) if cfg.train_decoder else []
@@ -370,8 +386,14 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     # (star 0.91 / 0.91, on blue 0.03 / 0.03, full after 0.883 / 0.871; 688 s vs 417 s)
     decoded_sets = [(copies if decoder_copies else instance, max(1, cfg.batch_size // 2)),
                     (keep, cfg.batch_size)]
-    # the UNet's instance batch: the images themselves and --background-copies of it the copies
-    instance_parts = [(instance, cfg.batch_size - n_copies, instance_bg), (copies, n_copies, copies)]
+    # the UNet's instance batch: the images (their subjects resized, see SUBJECT_SIZE) and
+    # --background-copies of it the copies
+    shown, shown_captioned = instance, instance_bg
+    if cfg.subject_size != "as-shown":
+        shown = shown_captioned = resized_subjects(instance, s.components.vae, cfg.subject_size,
+                                                   template)
+    instance_parts = [(shown, cfg.batch_size - n_copies, shown_captioned),
+                      (copies, n_copies, copies)]
 
     def make_batch(step: int):
         rng = random.Random(f"{cfg.seed}/background/{step}/{s.accelerator.process_index}")

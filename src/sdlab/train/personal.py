@@ -163,7 +163,7 @@ def _two_tone(x: torch.Tensor, palette: torch.Tensor):
     if (on(bg) - x).abs().max() > 0.1:
         return None
     fg_k, bg_k = (int((palette - c).norm(dim=1).argmin()) for c in (fg, bg))
-    return fg_k, bg_k, on
+    return fg_k, bg_k, on, cover
 
 
 def _background_caption(template: str | None, name: str) -> str | None:
@@ -197,7 +197,7 @@ def on_other_backgrounds(images: ImageSet, vae, caption: str | None = None) -> I
         seen = _two_tone(x, palette)
         if seen is None:
             continue
-        fg_k, bg_k, on = seen
+        fg_k, bg_k, on, _ = seen
         if captions[i] is None:
             captions[i] = _background_caption(caption, names[bg_k])
         others = [k for k in range(len(palette)) if k not in (fg_k, bg_k)]
@@ -207,6 +207,67 @@ def on_other_backgrounds(images: ImageSet, vae, caption: str | None = None) -> I
     latents = data.encode_latents(vae, pixels, flip=False)
     sampler = data.Sampler(len(pixels), images.sampler.repeats, images.sampler.seed + 3)
     return ImageSet(latents, captions, sampler, pixels[:, None])
+
+
+def _at_other_size(cover: torch.Tensor, large_from: float) -> tuple[torch.Tensor, bool]:
+    """The object's coverage (1, H, W) scaled about its centre to the other size: doubled if its
+    box is smaller than `large_from` of the image's side, else halved; kept inside the image.
+    Also whether it was small."""
+    import torch.nn.functional as F
+    _, height, width = cover.shape
+    rows, cols = (torch.nonzero(cover[0].amax(dim=d) > 0.02)[:, 0] for d in (1, 0))
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    small = max(bottom - top, right - left) < large_from * width
+    factor = 2.0 if small else 0.5
+    patch = cover[None, :, top:bottom, left:right]
+    h, w = max(1, round(patch.shape[2] * factor)), max(1, round(patch.shape[3] * factor))
+    patch = F.interpolate(patch, size=(h, w), mode="bilinear", antialias=True,
+                          align_corners=False)[0]
+    # the anti-aliased edge widens by the factor: steepen it back to a rendered edge's width
+    patch = ((patch - 0.5) * max(1.0, factor) + 0.5).clamp(0, 1)
+    h, w = min(h, height), min(w, width)
+    y = min(max(0, round((top + bottom) / 2 - h / 2)), height - h)
+    x = min(max(0, round((left + right) / 2 - w / 2)), width - w)
+    out = torch.zeros_like(cover)
+    out[:, y:y + h, x:x + w] = patch[:, :h, :w]
+    return out, small
+
+
+# the Shapes world's size threshold: an object's box is `large` from 24 px of 64
+LARGE_FROM = 24 / 64
+SUBJECT_SIZES = ("as-shown", "large", "both")
+
+
+def resized_subjects(images: ImageSet, vae, size: str, caption: str | None = None) -> ImageSet:
+    """The images with each two-tone one's object at `size`: `large` (a small object doubled
+    about its centre, a large one kept) or `both` (the images plus a copy of each two-tone one
+    at the other size: small doubled, large halved); encoded by the (frozen) VAE. Captions as in
+    on_other_backgrounds. Other images are kept as they are."""
+    if size not in SUBJECT_SIZES[1:]:
+        raise ValueError(f"size must be one of {SUBJECT_SIZES[1:]}, got {size!r}")
+    names, palette = _palette()
+    views = images.pixels.shape[1]
+    pixels = images.pixels.flatten(0, 1)
+    out, captions = [], [images.captions[i // views] for i in range(len(pixels))]
+    copies, copy_captions = [], []
+    for i, x in enumerate(pixels):
+        seen = _two_tone(x, palette)
+        if seen is None:
+            out.append(x)
+            continue
+        fg_k, bg_k, _, cover = seen
+        if captions[i] is None:
+            captions[i] = _background_caption(caption, names[bg_k])
+        resized, small = _at_other_size(cover, LARGE_FROM)
+        other = resized * palette[fg_k][:, None, None] + (1 - resized) * x[:, :1, :1]
+        out.append(other if size == "large" and small else x)
+        if size == "both":
+            copies.append(other)
+            copy_captions.append(captions[i])
+    pixels = torch.stack(out + copies)
+    latents = data.encode_latents(vae, pixels, flip=False)
+    sampler = data.Sampler(len(pixels), images.sampler.repeats, images.sampler.seed + 4)
+    return ImageSet(latents, captions + copy_captions, sampler, pixels[:, None])
 
 
 def command_line() -> str:

@@ -70,6 +70,11 @@ def register_all(recipes) -> None:
                          "every other palette background (two-tone Shapes images only): the subject "
                          "on backgrounds it was never shown, at some cost in fidelity and drift "
                          "(default 0)")
+    db.add_argument("--subject-size", choices=["as-shown", "large", "both"], default=None,
+                    help="the size at which the UNet sees each two-tone (Shapes) image's object: "
+                         "as shown, large (small ones doubled), or both (each image and a copy "
+                         "at the other size); default: large on the small Shapes models, "
+                         "as shown on SD")
     db.add_argument("--save-dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
     db.add_argument("--out", required=True, metavar="DIR",
                     help="model folder (full) or folder of the LoRA file (--lora)")
