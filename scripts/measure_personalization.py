@@ -141,7 +141,8 @@ def run_dreambooth(args, data: Path, out: Path, lora: bool) -> dict:
                            train_text_encoder=args.train_text_encoder,
                            **{k: v for k, v in (("prior_loss_weight", args.prior_loss_weight),
                                                 ("background_copies", args.background_copies),
-                                                ("subject_size", args.subject_size))
+                                                ("subject_size", args.subject_size),
+                                                ("world_prior_teacher", args.world_prior_teacher))
                               if v is not None})  # None: the recipe's default
     path, seconds = timed(train_dreambooth, cfg)
     if lora:
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Dreambooth's --background-copies (default: the recipe's)")
     p.add_argument("--subject-size", choices=["as-shown", "large", "both"], default=None,
                    help="Dreambooth's --subject-size (default: the recipe's)")
+    p.add_argument("--world-prior-teacher", action=argparse.BooleanOptionalAction, default=None,
+                   help="Dreambooth's --world-prior-teacher (default: the recipe's)")
     p.add_argument("--prior-loss-weight", type=float, default=None,
                    help="Dreambooth's --prior-loss-weight (default: the recipe's)")
     p.add_argument("--train-decoder", action=argparse.BooleanOptionalAction, default=None,

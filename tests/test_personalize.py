@@ -485,3 +485,25 @@ def test_background_copies_show_the_unet_the_subject_on_other_backgrounds(model,
     with pytest.raises(InputError, match="background copies"):
         DreamboothConfig(model="m", images="i", out="o", instance_prompt="a sks",
                          background_copies=1.5).check()
+
+
+def test_world_prior_teacher_targets_are_the_frozen_unets_predictions(model):
+    import copy
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    from sdlab.train.personal import Session
+    components = sdlab.load(str(model), device="cpu").components
+    unet = components.unet
+    session = SimpleNamespace(noise_scheduler=DDPMScheduler(num_train_timesteps=1000),
+                              cfg=SimpleNamespace(seed=0), accelerator=Accelerator(cpu=True),
+                              components=SimpleNamespace(prediction_type="epsilon"))
+    latents = torch.randn(4, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(4, 77, unet.config.cross_attention_dim)
+    plain = Session.diffusion_loss(session, unet, latents, cond, step=0)
+    taught = Session.diffusion_loss(session, unet, latents, cond, step=0,
+                                    teacher=(copy.deepcopy(unet), 2))
+    assert torch.equal(taught[:2], plain[:2])  # before k: the sampled noise is the target
+    assert taught[2:].abs().max() < 1e-10 < plain[2:].min()  # from k: the teacher's prediction

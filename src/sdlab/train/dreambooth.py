@@ -37,6 +37,7 @@ with prior preservation), lr 1e-4 full /
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -129,6 +130,10 @@ SUBJECT_SIZE = {"small": "large", "sd": "as-shown"}
 # from the tuned UNet; 0.69-0.75 with these samples). The decoder keeps renders instead (above).
 WORLD_PRIOR = {"small": True, "sd": False}
 WORLD_PROMPT = "shapes world captions"  # the cache key of those samples
+# ... and there the UNet matches the base UNet's own prediction for the world samples' noisy
+# latents rather than their sampled noise: the whole function, not one noisy draw of it, so it
+# keeps more of what it drew (the drift is the UNet's: it rounds small squares and triangles).
+WORLD_PRIOR_TEACHER = {"small": True, "sd": False}
 # On the small models one-object instance images without caption files are captioned
 # `INSTANCE_PROMPT on a BACKGROUND background` half the time, so the instance prompt need not
 # carry the backgrounds the images happened to have (as for textual inversion)
@@ -156,6 +161,7 @@ class DreamboothConfig(TrainConfig):
     train_decoder: bool | None = None  # None: on for small models (see DECODER)
     decoder_lr: float | None = None
     world_prior: bool | None = None  # None: on for small models with prior preservation (WORLD_PRIOR)
+    world_prior_teacher: bool | None = None  # None: as WORLD_PRIOR_TEACHER
     background_copies: float = 0.0  # share of the UNet's instance batch; see DECODER_BACKGROUNDS
     subject_size: str | None = None  # None: by model size (see SUBJECT_SIZE)
 
@@ -342,6 +348,11 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     cfg.decoder_lr = cfg.decoder_lr or DECODER_LR
     cfg.subject_size = cfg.subject_size or SUBJECT_SIZE[s.scale]
     world = s.load_images(ensure_world_images(s, cfg), seed_offset=2) if cfg.world_prior else None
+    if cfg.world_prior_teacher is None:
+        cfg.world_prior_teacher = WORLD_PRIOR_TEACHER[s.scale]
+    # a frozen copy of the UNet as it was, taken before any adapter is added (see WORLD_PRIOR_TEACHER)
+    teacher = (copy.deepcopy(s.components.unet).requires_grad_(False).eval()
+               if world is not None and cfg.world_prior_teacher else None)
     trained = prepare_models(s, cfg)
     decoder = prepare_decoder(s, cfg) if cfg.train_decoder else []
     # the decoder's own prior preservation: reconstructing renders of the world keeps it able
@@ -419,7 +430,9 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
         latents, prompts, decoder_batch = batch
         with torch.set_grad_enabled(cfg.train_text_encoder):
             cond = te(s.token_ids(prompts))[0]
-        per_sample = s.diffusion_loss(unet, latents, cond, step)
+        # the world's samples come last in the batch
+        per_sample = s.diffusion_loss(unet, latents, cond, step,
+                                      (teacher, len(latents) - cfg.batch_size) if teacher else None)
         n = cfg.batch_size
         loss = per_sample[:n].mean()
         if len(per_sample) > n:  # class images, then the world's samples

@@ -349,9 +349,11 @@ class Session:
 
     # --- loss ---------------------------------------------------------------------------------
 
-    def diffusion_loss(self, unet, latents: torch.Tensor, cond: torch.Tensor,
-                       step: int) -> torch.Tensor:
+    def diffusion_loss(self, unet, latents: torch.Tensor, cond: torch.Tensor, step: int,
+                       teacher: tuple[torch.nn.Module, int] | None = None) -> torch.Tensor:
         """Per-sample MSE of the UNet's prediction (epsilon, v or x0, as the model was trained).
+        With `teacher` (a frozen UNet, index k), samples from k on are matched to the teacher's
+        prediction for the same noisy latents instead of to the sampled noise.
 
         Noise and timesteps come from a generator seeded by (seed, step, process), so a resumed
         run draws what an uninterrupted one would have."""
@@ -367,6 +369,11 @@ class Session:
                   else latents if kind == "sample" else noise)
         with self.accelerator.autocast():
             pred = unet(noisy, t, encoder_hidden_states=cond).sample
+            if teacher is not None:
+                model, k = teacher
+                with torch.no_grad():
+                    taught = model(noisy[k:], t[k:], encoder_hidden_states=cond[k:].detach()).sample
+                target = torch.cat([target[:k].to(taught.dtype), taught])
         return ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
 
     # --- validation ---------------------------------------------------------------------------

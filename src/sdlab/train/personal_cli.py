@@ -65,6 +65,10 @@ def register_all(recipes) -> None:
     db.add_argument("--world-prior", action=argparse.BooleanOptionalAction, default=None,
                     help="with --prior-preservation, also replay the model's own samples of "
                          "random Shapes captions (default: on for the small Shapes models)")
+    db.add_argument("--world-prior-teacher", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --world-prior, match the base UNet's own predictions for the world "
+                         "samples rather than their sampled noise (default: on for the small "
+                         "Shapes models)")
     db.add_argument("--background-copies", type=float, default=0.0, metavar="SHARE",
                     help="share (0-1) of the UNet's instance batch drawn from the images' copies on "
                          "every other palette background (two-tone Shapes images only): the subject "
