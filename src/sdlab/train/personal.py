@@ -15,6 +15,9 @@ Defaults depend on the model's size, read from its resolution (the model's defau
                       captioned `... on a BG background` (TI: always,
                       plus copies on the other backgrounds; Dreambooth:
                       half the time)
+  dreambooth subject  two-tone images' objects shown large            as shown
+  world prior target  the base UNet's prediction (teacher)            (no world prior)
+  prior loss weight   2                                               1
 
 The real-model column is the usual one (diffusers' examples). The small column keeps each recipe
 well under 10 minutes on 2 CPU cores for the 64x64 model: the base recipe's UNet + text encoder
