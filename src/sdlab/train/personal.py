@@ -151,22 +151,33 @@ def _palette() -> tuple[list[str], torch.Tensor]:
     return list(PALETTE), torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 127.5 - 1
 
 
-def _two_tone(x: torch.Tensor, palette: torch.Tensor):
-    """(object colour index, background index, recolour function) of an image that is one
-    object on one flat palette background (anti-aliased edges allowed), else None."""
+@dataclass
+class TwoTone:
+    """One object on one flat palette background: palette indices, the object's colour and its
+    coverage (1, H, W) in [0, 1] (anti-aliased edges partly covered)."""
+
+    fg_k: int
+    bg_k: int
+    fg: torch.Tensor
+    cover: torch.Tensor
+
+    def on(self, background: torch.Tensor, cover: torch.Tensor | None = None) -> torch.Tensor:
+        """The object (or another coverage of its colour) on `background`."""
+        cover = self.cover if cover is None else cover
+        return cover * self.fg[:, None, None] + (1 - cover) * background[:, None, None]
+
+
+def _two_tone(x: torch.Tensor, palette: torch.Tensor) -> TwoTone | None:
+    """The image as one object on one flat palette background (anti-aliased edges allowed),
+    else None."""
     bg = x[:, 0, 0]
     dist = (x - bg[:, None, None]).norm(dim=0)
     fg = x[:, dist == dist.max()][:, 0]
     axis = fg - bg
     cover = ((x - bg[:, None, None]) * axis[:, None, None]).sum(0) / axis.dot(axis).clamp_min(1e-6)
-    cover = cover.clamp(0, 1)[None]
-
-    def on(background: torch.Tensor) -> torch.Tensor:
-        return cover * fg[:, None, None] + (1 - cover) * background[:, None, None]
-    if (on(bg) - x).abs().max() > 0.1:
-        return None
     fg_k, bg_k = (int((palette - c).norm(dim=1).argmin()) for c in (fg, bg))
-    return fg_k, bg_k, on, cover
+    seen = TwoTone(fg_k, bg_k, fg, cover.clamp(0, 1)[None])
+    return None if (seen.on(bg) - x).abs().max() > 0.1 else seen
 
 
 def _background_caption(template: str | None, name: str) -> str | None:
@@ -181,7 +192,7 @@ def with_background_captions(images: ImageSet, template: str) -> ImageSet:
     for i, x in enumerate(images.pixels[:, 0]):
         seen = _two_tone(x, palette) if captions[i] is None else None
         if seen is not None:
-            captions[i] = _background_caption(template, names[seen[1]])
+            captions[i] = _background_caption(template, names[seen.bg_k])
     return ImageSet(images.latents, captions, images.sampler, images.pixels)
 
 
@@ -200,15 +211,19 @@ def on_other_backgrounds(images: ImageSet, vae, caption: str | None = None) -> I
         seen = _two_tone(x, palette)
         if seen is None:
             continue
-        fg_k, bg_k, on, _ = seen
         if captions[i] is None:
-            captions[i] = _background_caption(caption, names[bg_k])
-        others = [k for k in range(len(palette)) if k not in (fg_k, bg_k)]
-        out += [on(palette[k])[None] for k in others]
+            captions[i] = _background_caption(caption, names[seen.bg_k])
+        others = [k for k in range(len(palette)) if k not in (seen.fg_k, seen.bg_k)]
+        out += [seen.on(palette[k])[None] for k in others]
         captions += [_background_caption(caption, names[k]) for k in others]
-    pixels = torch.cat(out)
+    return _encoded(torch.cat(out), captions, images, vae, seed_offset=3)
+
+
+def _encoded(pixels: torch.Tensor, captions: list[str | None], source: ImageSet, vae,
+             seed_offset: int) -> ImageSet:
+    """A new ImageSet of (N, 3, H, W) pixels, encoded by the (frozen) VAE, one view each."""
     latents = data.encode_latents(vae, pixels, flip=False)
-    sampler = data.Sampler(len(pixels), images.sampler.repeats, images.sampler.seed + 3)
+    sampler = data.Sampler(len(pixels), source.sampler.repeats, source.sampler.seed + seed_offset)
     return ImageSet(latents, captions, sampler, pixels[:, None])
 
 
@@ -258,19 +273,15 @@ def resized_subjects(images: ImageSet, vae, size: str, caption: str | None = Non
         if seen is None:
             out.append(x)
             continue
-        fg_k, bg_k, _, cover = seen
         if captions[i] is None:
-            captions[i] = _background_caption(caption, names[bg_k])
-        resized, small = _at_other_size(cover, LARGE_FROM)
-        other = resized * palette[fg_k][:, None, None] + (1 - resized) * x[:, :1, :1]
+            captions[i] = _background_caption(caption, names[seen.bg_k])
+        resized, small = _at_other_size(seen.cover, LARGE_FROM)
+        other = seen.on(x[:, 0, 0], resized)
         out.append(other if size == "large" and small else x)
         if size == "both":
             copies.append(other)
             copy_captions.append(captions[i])
-    pixels = torch.stack(out + copies)
-    latents = data.encode_latents(vae, pixels, flip=False)
-    sampler = data.Sampler(len(pixels), images.sampler.repeats, images.sampler.seed + 4)
-    return ImageSet(latents, captions + copy_captions, sampler, pixels[:, None])
+    return _encoded(torch.stack(out + copies), captions + copy_captions, images, vae, seed_offset=4)
 
 
 def command_line() -> str:
