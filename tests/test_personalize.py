@@ -257,8 +257,8 @@ def test_dreambooth_writes_a_loadable_model(model, images, tmp_path):
     assert np.abs(pixels(tuned, "a sks") - base).max() > 1e-4
     assert (out / "command.txt").exists()
     config = json.loads((out / "config.json").read_text())  # the recipe's defaults, resolved
-    assert (config["subject_size"], config["prior_loss_weight"], config["train_decoder"]) == (
-        "large", 2.0, True)  # the tiny model counts as small
+    assert (config["subject_size"], config["prior_loss_weight"], config["train_decoder"],
+            config["background_copies"]) == ("large", 2.0, True, 0.25)  # the tiny model is small
     assert json.loads((out / "sdlab.json").read_text())["personalization"]["instance_prompt"] == "a sks"
 
 

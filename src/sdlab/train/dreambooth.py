@@ -103,16 +103,16 @@ DECODER_OUTLINE_WEIGHTS = {"small": (4.0, 4.0), "sd": None}
 # few images never showed (measured: `a yellow sks on a blue background` 0.00 -> 0.19, LoRA
 # 0.00 -> 0.22). Showing the UNet those copies too, captioned with their background, measured
 # worse (`a yellow sks` 0.03), and so did RGB channel permutations for the decoder (0.00). On the
-# 16x16-latent model the UNet copies are a trade, not a fix, so they are an option
-# (--background-copies: the share of the UNet's instance batch drawn from the copies), off by
-# default. Measured (64 seeds; full accuracy on 256 prompts, base 0.980): 0 (the recipe) star
-# 0.91, on blue 0.03, full after 0.883; all copies 0.78 / 0.41 / 0.844 (64 class images) and
-# 0.64 / 0.48 / 0.828 (256); without copies the model binds size to background (its large
-# training stars were on red) and draws small pentagons on blue (background-copies-2026-12-02.json
-# in docs/measurements/personalization). There the decoder is
-# not the limit: this tune alone brings small stars' round trip from 0 to 0.82 (large 1.00), and
-# letting the encoder learn too (world latents anchored) measured level (star 0.86, on blue 0.11;
-# vae-probe-2026-12-02.json); on blue the tuned UNet draws five-cornered blobs.
+# 16x16-latent model with subjects as shown, the UNet copies (--background-copies: the share of
+# the UNet's instance batch drawn from them) were a trade, not a fix. Measured (64 seeds; full
+# accuracy on 256 prompts, base 0.980): none, star 0.91, on blue 0.03, full after 0.883; all
+# copies 0.78 / 0.41 / 0.844 (64 class images) and 0.64 / 0.48 / 0.828 (256); without copies the
+# model binds size to background (its large training stars were on red) and draws small
+# pentagons on blue (background-copies-2026-12-02.json in docs/measurements/personalization).
+# With the subject shown large (SUBJECT_SIZE) a quarter of copies became a default
+# (BACKGROUND_COPIES). The decoder is not the limit: this tune alone brings small stars' round
+# trip from 0 to 0.82 (large 1.00), and letting the encoder learn too (world latents anchored)
+# measured level (star 0.86, on blue 0.11; vae-probe-2026-12-02.json).
 DECODER_BACKGROUNDS = True
 # The small models' UNet binds the subject's size to the backgrounds it was shown on: from 8 star
 # renders whose large stars were on red, `a yellow sks on a blue background` drew small
@@ -124,6 +124,14 @@ DECODER_BACKGROUNDS = True
 # (subject-size-2026-12-02.json in docs/measurements/personalization). A real model's subject
 # fills its photos; SD keeps the images as shown.
 SUBJECT_SIZE = {"small": "large", "sd": "as-shown"}
+# With the subject large, a quarter of the UNet's instance batch drawn from its copies on every
+# other background (captioned with it; --background-copies) binds the subject to no background.
+# Measured (64 seeds, 256 full prompts; two sets of 8 star renders, seeds 0 and 1, base 0.980 /
+# 0.992): star / on blue / full after 0.89 / 0.92 / 0.891 and 0.86 / 0.55 / 0.930 without,
+# 0.97 / 0.98 / 0.891 and 0.95 / 0.70 / 0.895 with (background-copies-large-2026-12-02.json).
+# Without the resize (subjects as shown) the copies had cost the bare prompt instead (0.91 ->
+# 0.78 and 0.64 with the whole batch copies, see DECODER_BACKGROUNDS).
+BACKGROUND_COPIES = {"small": 0.25, "sd": 0.0}
 # Prior preservation on the small models also replays the model's own samples for random captions
 # of the Shapes grammar (with those captions): the class prompt alone keeps `a yellow circle`
 # but lets every other prompt drift (measured with the base VAE: full-prompt accuracy 0.86 -> 0.57
@@ -168,7 +176,7 @@ class DreamboothConfig(TrainConfig):
     decoder_lr: float | None = None
     world_prior: bool | None = None  # None: on for small models with prior preservation (WORLD_PRIOR)
     world_prior_teacher: bool | None = None  # None: as WORLD_PRIOR_TEACHER
-    background_copies: float = 0.0  # share of the UNet's instance batch; see DECODER_BACKGROUNDS
+    background_copies: float | None = None  # None: by model size (see BACKGROUND_COPIES)
     subject_size: str | None = None  # None: by model size (see SUBJECT_SIZE)
 
     def check(self) -> None:
@@ -187,7 +195,7 @@ class DreamboothConfig(TrainConfig):
             raise InputError(f"prior loss weight must be >= 0, got {self.prior_loss_weight}")
         if self.decoder_lr is not None and self.decoder_lr <= 0:
             raise InputError(f"decoder lr must be > 0, got {self.decoder_lr}")
-        if not 0.0 <= self.background_copies <= 1.0:
+        if self.background_copies is not None and not 0.0 <= self.background_copies <= 1.0:
             raise InputError(f"background copies must be between 0 and 1, got "
                              f"{self.background_copies}")
         if self.subject_size is not None and self.subject_size not in SUBJECT_SIZES:
@@ -351,6 +359,8 @@ def fill_dreambooth_defaults(cfg: DreamboothConfig, scale: str) -> None:
         cfg.prior_loss_weight = PRIOR_LOSS_WEIGHT[scale]
     cfg.decoder_lr = cfg.decoder_lr or DECODER_LR
     cfg.subject_size = cfg.subject_size or SUBJECT_SIZE[scale]
+    if cfg.background_copies is None:
+        cfg.background_copies = BACKGROUND_COPIES[scale]
 
 
 def train_dreambooth(cfg: DreamboothConfig) -> Path:
@@ -401,27 +411,25 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
         rich = [format_caption(captioned.captions[i], prompt, prompt) for i in picks]
         return [r if rng.random() < 0.5 else prompt for r in rich]
 
-    # the instance images and their copies on every other background (captioned with it), encoded
-    # once for whichever of the decoder (DECODER_BACKGROUNDS) and the UNet (--background-copies)
-    # sees them; the decoder reads only latents and pixels
-    n_copies = round(cfg.background_copies * cfg.batch_size)
-    decoder_copies = bool(decoder) and DECODER_BACKGROUNDS and s.scale == "small"
-    copies = (on_other_backgrounds(instance, s.components.vae, template)
-              if n_copies or decoder_copies else None)
-    # (images, batch size) the decoder reconstructs each step: half the instance batch and twice
-    # as many renders (see DECODER_RENDERS). Decoding is most of a step's cost: the full instance
-    # batch took 2.07 s a step against 1.26 s (0.60 s with no decoder tune) and measured level
-    # (star 0.91 / 0.91, on blue 0.03 / 0.03, full after 0.883 / 0.871; 688 s vs 417 s)
-    decoded_sets = [(copies if decoder_copies else instance, max(1, cfg.batch_size // 2)),
-                    (keep, cfg.batch_size)]
     # the UNet's instance batch: the images (their subjects resized, see SUBJECT_SIZE) and
-    # --background-copies of it the copies
+    # --background-copies of it their copies on every other background (captioned with it)
+    n_copies = round(cfg.background_copies * cfg.batch_size)
     shown, shown_captioned = instance, instance_bg
     if cfg.subject_size != "as-shown":
         shown = shown_captioned = resized_subjects(instance, s.components.vae, cfg.subject_size,
                                                    template)
+    copies = on_other_backgrounds(shown, s.components.vae, template) if n_copies else None
     instance_parts = [(shown, cfg.batch_size - n_copies, shown_captioned),
                       (copies, n_copies, copies)]
+    # (images, batch size) the decoder reconstructs each step: half the instance batch (the
+    # images as given, on every background, see DECODER_BACKGROUNDS) and twice as many renders
+    # (see DECODER_RENDERS). Decoding is most of a step's cost: the full instance batch took
+    # 2.07 s a step against 1.26 s (0.60 s with no decoder tune) and measured level (star
+    # 0.91 / 0.91, on blue 0.03 / 0.03, full after 0.883 / 0.871; 688 s vs 417 s)
+    decoded = instance
+    if decoder and DECODER_BACKGROUNDS and s.scale == "small":
+        decoded = on_other_backgrounds(instance, s.components.vae, template)
+    decoded_sets = [(decoded, max(1, cfg.batch_size // 2)), (keep, cfg.batch_size)]
 
     def make_batch(step: int):
         rng = random.Random(f"{cfg.seed}/background/{step}/{s.accelerator.process_index}")

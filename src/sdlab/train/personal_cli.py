@@ -71,11 +71,11 @@ def register_all(recipes) -> None:
                     help="with --world-prior, match the base UNet's own predictions for the world "
                          "samples rather than their sampled noise (default: on for the small "
                          "Shapes models)")
-    db.add_argument("--background-copies", type=float, default=0.0, metavar="SHARE",
+    db.add_argument("--background-copies", type=float, default=None, metavar="SHARE",
                     help="share (0-1) of the UNet's instance batch drawn from the images' copies on "
-                         "every other palette background (two-tone Shapes images only): the subject "
-                         "on backgrounds it was never shown, at some cost in fidelity and drift "
-                         "(default 0)")
+                         "every other palette background (two-tone Shapes images only), so the "
+                         "subject is drawn on backgrounds it was never shown (default: 0.25 on the "
+                         "small Shapes models, 0 on SD)")
     db.add_argument("--subject-size", choices=["as-shown", "large", "both"], default=None,
                     help="the size at which the UNet sees each two-tone (Shapes) image's object: "
                          "as shown, large (small ones doubled), or both (each image and a copy "
