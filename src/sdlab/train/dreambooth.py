@@ -428,7 +428,9 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     # 0.91 / 0.91, on blue 0.03 / 0.03, full after 0.883 / 0.871; 688 s vs 417 s)
     decoded = instance
     if decoder and DECODER_BACKGROUNDS and s.scale == "small":
-        decoded = on_other_backgrounds(instance, s.components.vae, template)
+        # the UNet's copies are these very images when the subjects were not resized
+        decoded = (copies if copies is not None and shown is instance
+                   else on_other_backgrounds(instance, s.components.vae, template))
     decoded_sets = [(decoded, max(1, cfg.batch_size // 2)), (keep, cfg.batch_size)]
 
     def make_batch(step: int):
