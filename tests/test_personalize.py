@@ -160,8 +160,8 @@ def test_lora_file_loads_with_a_weight(model, lora_run):
     with safe_open(str(out), "pt") as f:
         keys = list(f.keys())
     assert any(k.startswith("unet.") and ".to_q.lora.down.weight" in k for k in keys)
-    # a small model: the ResNet convolutions get adapters too (UNET_LORA_TARGETS_SMALL), and only
-    # the up blocks do (UNET_LORA_BLOCKS)
+    # a small model: the ResNet convolutions get adapters too (UNET_LORA_TARGETS_SMALL), all of
+    # them in the up blocks (UNET_LORA_BLOCKS)
     assert any(k.startswith("unet.up_blocks.") and ".resnets.0.conv1.lora" in k for k in keys)
     assert not any(k.startswith(("unet.down_blocks.", "unet.mid_block.")) for k in keys)
     assert any(k.startswith("text_encoder.text_model.encoder.") for k in keys)
