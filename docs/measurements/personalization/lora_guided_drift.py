@@ -2,6 +2,7 @@
 unconditional and guided (w = 5) predictions, mean squared difference at five noise levels."""
 import copy, sys, glob, torch, numpy as np
 from PIL import Image
+from diffusers import DDPMScheduler
 import sdlab
 from sdlab.personalize import apply_personalization
 torch.manual_seed(0); torch.set_num_threads(2)
@@ -14,6 +15,7 @@ folder = glob.glob(sys.argv[2] + "/shapes-world-captions*")[0]  # a run's class-
 files = sorted(glob.glob(folder + "/*.png"))[:32]
 caps = [open(f[:-4] + ".txt").read().strip() for f in files]
 x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2,0,1).float()/127.5-1 for f in files])
+sched = DDPMScheduler.from_config(c.scheduler_config)
 with torch.no_grad():
     lat = c.vae.encode(x).latent_dist.mean * c.vae.config.scaling_factor
     cond = pipe.encoder.encode(caps)
@@ -21,9 +23,7 @@ with torch.no_grad():
     for tval in [100, 300, 500, 700, 900]:
         t = torch.full((len(lat),), tval)
         noise = torch.randn_like(lat)
-        ac = 1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000)**2
-        abar = torch.cumprod(ac, 0)[tval]
-        noisy = abar.sqrt()*lat + (1-abar).sqrt()*noise
+        noisy = sched.add_noise(lat, noise, t)  # the model's own noise schedule
         bc = base(noisy, t, encoder_hidden_states=cond).sample
         bu = base(noisy, t, encoder_hidden_states=unc).sample
         lc = c.unet(noisy, t, encoder_hidden_states=cond).sample

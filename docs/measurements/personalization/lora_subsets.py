@@ -1,7 +1,7 @@
 """Which of a LoRA's adapters carry the star and which the drift: each subset of its keys (the
 decoder's vae.* keys always kept) judged on `a yellow sks` (32 seeds from 1000) and on 200 full
 prompts (seed 5000). Usage: lora_subsets.py LORA [GROUP ...]"""
-import random, re, sys, time, tempfile, os
+import random, re, sys, time, tempfile
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 import sdlab
@@ -32,7 +32,7 @@ GROUPS = {
 only = sys.argv[2:] or list(GROUPS)
 for name in only:
     pat = GROUPS[name]
-    keep = {k: v for k, v in sd.items() if re.search(pat, k) and (not k.startswith("vae.") or True)}
+    keep = {k: v for k, v in sd.items() if re.search(pat, k)}
     path = f"{tempfile.gettempdir()}/lora-subset-{name.replace(' ', '_').replace('+','_')}.safetensors"
     save_file(keep, path, metadata=meta)
     t0 = time.time()
