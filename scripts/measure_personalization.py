@@ -142,7 +142,8 @@ def run_dreambooth(args, data: Path, out: Path, lora: bool) -> dict:
                            **{k: v for k, v in (("prior_loss_weight", args.prior_loss_weight),
                                                 ("background_copies", args.background_copies),
                                                 ("subject_size", args.subject_size),
-                                                ("world_prior_teacher", args.world_prior_teacher))
+                                                ("world_prior_teacher", args.world_prior_teacher),
+                                                ("conv_rank", args.conv_rank))
                               if v is not None})  # None: the recipe's default
     path, seconds = timed(train_dreambooth, cfg)
     if lora:
@@ -211,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Dreambooth's decoder fine-tune (default: the recipe's)")
     p.add_argument("--rank", type=int, default=None,
                    help="LoRA rank of the UNet's adapters (default: the recipe's)")
+    p.add_argument("--conv-rank", type=int, default=None,
+                   help="LoRA rank of the UNet's convolution adapters (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 steps, 4 images, 8 prompts")

@@ -15,7 +15,7 @@ import sdlab
 from sdlab import personalize
 from sdlab.errors import InputError, ModelLoadError
 from sdlab.train import data
-from sdlab.train.dreambooth import WORLD_PROMPT, DreamboothConfig, class_folder, train_dreambooth
+from sdlab.train.dreambooth import DreamboothConfig, class_folder, train_dreambooth
 from sdlab.train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
 from conftest import make_tiny_sd_folder
@@ -164,6 +164,11 @@ def test_lora_file_loads_with_a_weight(model, lora_run):
     # them in the up blocks (UNET_LORA_BLOCKS)
     assert any(k.startswith("unet.up_blocks.") and ".resnets.0.conv1.lora" in k for k in keys)
     assert not any(k.startswith(("unet.down_blocks.", "unet.mid_block.")) for k in keys)
+    # ... at half the rank of the others there (LORA_CONV_RANK_SHARE): rank 2, convolutions 1
+    with safe_open(str(out), "pt") as f:
+        ranks = {k.split(".lora")[0].rsplit(".", 1)[-1]: f.get_slice(k).get_shape()[0]
+                 for k in keys if k.startswith("unet.") and k.endswith(".lora.down.weight")}
+    assert ranks.get("conv1") == ranks.get("conv2") == 1 and ranks.get("to_q") == 2, ranks
     assert any(k.startswith("text_encoder.text_model.encoder.") for k in keys)
     # a small model: the VAE decoder is adapted too (sdlab.train.dreambooth.DECODER)
     assert any(k.startswith("vae.decoder.") and ".conv1.lora" in k for k in keys)
@@ -236,11 +241,8 @@ def test_class_images_are_generated_once_and_cached(lora_run):
     folder = class_folder(cfg, 2)
     assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00001.png", "done.json"]
     assert "a dog" in Image.open(folder / "00000.png").info["parameters"]
-    # small models: prior preservation also replays samples of random Shapes captions
-    world = class_folder(cfg, 2, prompt=WORLD_PROMPT)
-    captions = [(world / f"0000{i}.txt").read_text() for i in range(2)]
-    assert all(c.startswith(("a ", "an ")) for c in captions)
-    assert captions[0] in Image.open(world / "00000.png").info["parameters"]
+    # only the class prompt's: the small models' world prior renders its scenes (WORLD_PRIOR)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
 
 
 # --- Dreambooth -----------------------------------------------------------------------------
@@ -446,6 +448,11 @@ def test_world_renders_are_the_decoders_preservation_set(model):
     corners = ((renders.pixels[:, 0, :, 0, 0] + 1) * 127.5).round().int().tolist()
     assert all(tuple(c) in PALETTE.values() for c in corners)  # plain palette backgrounds
     assert torch.equal(world_renders(session, 4).pixels, renders.pixels)  # seeded
+    # the UNet's world prior: captioned, most objects small (WORLD_SMALL_SHARE)
+    small = world_renders(session, 64, "unet", small_share=0.5)
+    assert all(c.startswith(("a ", "an ")) for c in small.captions)
+    sizes = [c.split()[1] for c in small.captions if c.split()[1] in ("small", "large")]
+    assert sizes.count("small") > 2 * sizes.count("large"), sizes
 
 
 def test_lora_rank_defaults_by_model_size():
@@ -459,6 +466,12 @@ def test_lora_rank_defaults_by_model_size():
         return cfg
     assert filled(64).rank == 8 and filled(512).rank == 4
     assert filled(64, rank=2).rank == 2
+    from sdlab.train.dreambooth import fill_dreambooth_defaults
+    for width, rank, conv_rank, scale in ((64, None, 4, "small"), (64, 3, 2, "small"),
+                                          (64, 1, 1, "small"), (512, None, 4, "sd")):
+        cfg = filled(width, rank=rank)
+        fill_dreambooth_defaults(cfg, scale)
+        assert cfg.conv_rank == conv_rank, (width, rank)
 
 
 def test_background_copies_show_the_unet_the_subject_on_other_backgrounds(model, tmp_path,

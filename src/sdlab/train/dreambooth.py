@@ -3,7 +3,7 @@ LoRA.
 
     sdlab train dreambooth --model shapes --images DIR --instance-prompt "a yellow sks" --out DIR
         [--class-prompt "a yellow circle" --prior-preservation] [--train-text-encoder]
-        [--lora [--rank R]]
+        [--lora [--rank R] [--conv-rank R]]
 
 Full fine-tuning trains the UNet (and with --train-text-encoder the text encoder) and writes a
 diffusers-format model folder: everything of the source model is copied except the trained parts,
@@ -26,11 +26,11 @@ under --class-data-dir, else $SDLAB_CACHE or ~/.cache/sdlab, in class-images/.
 On the small models (--train-decoder, on by default there; see DECODER) the VAE decoder learns
 too, to reconstruct the instance images and renders of the world: a full run saves the tuned
 `vae/`, a LoRA run adds decoder adapters to its file under `vae.` keys. There, prior preservation
-also replays the model's own samples of random Shapes captions (--world-prior, see WORLD_PRIOR),
-and LoRA adapters (rank 8 by default) cover the convolutions as well as the attention of the
-UNet's up blocks (UNET_LORA_TARGETS_SMALL, UNET_LORA_BLOCKS).
+also replays captioned renders of random Shapes scenes (--world-prior, see WORLD_PRIOR), and
+LoRA adapters (rank 8 by default, 4 on convolutions) cover the convolutions as well as the
+attention of the UNet's up blocks (UNET_LORA_TARGETS_SMALL, UNET_LORA_BLOCKS, LORA_CONV_RANK).
 
-Defaults (see sdlab.train.personal): small models 300 steps, batch 8 (+8 class, +8 world samples
+Defaults (see sdlab.train.personal): small models 300 steps, batch 8 (+8 class, +16 world samples
 with prior preservation), lr 1e-4 full /
 1e-3 LoRA, 64 class images; 512 px models 400 steps lr 5e-6 full, 500 steps lr 1e-4 LoRA, batch 1,
 100 class images.
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from sdlab.errors import InputError
-from sdlab.shapes.world import render, sample_scene
+from sdlab.shapes.world import random_caption, render, sample_scene
 from sdlab.train import data
 from sdlab.train.base import images_to_tensor, outline_weighted_loss
 from sdlab.train.personal import (CLASS_IMAGES, SUBJECT_SIZES, ImageSet, Session, TrainConfig,
@@ -75,6 +75,13 @@ UNET_LORA_TARGETS_SMALL = UNET_LORA_TARGETS + ["proj_in", "proj_out", "ff.net.0.
 # 0.99 MB file against 1.38 MB. Up blocks 1-3 only: 0.91 / 0.61 / 0.887 (seed 1)
 # (lora-blocks-2026-12-03.json in docs/measurements/personalization).
 UNET_LORA_BLOCKS = "up_blocks"
+UNET_LORA_CONVS = ("conv1", "conv2", "conv_shortcut")
+# ... and there the convolutions' adapters have half the rank of the others (--conv-rank; kohya's
+# LoCon conv_dim): they draw the star but also move every prompt, as they do not read the text.
+# Measured on the seed-1 star set (star / on blue / full drop on the script's 256 prompts / on 200
+# other prompts): rank 8 everywhere 0.94 / 0.69 / 0.082 / 0.125, convolutions at rank 4 0.92 /
+# 0.59 / 0.070 / 0.095 (lora-world-renders-2026-12-03.json in docs/measurements/personalization).
+LORA_CONV_RANK_SHARE = {"small": 0.5, "sd": 1.0}
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TRAINED_PARTS = ("unet", "text_encoder")
 SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -142,19 +149,32 @@ SUBJECT_SIZE = {"small": "large", "sd": "as-shown"}
 # Without the resize (subjects as shown) the copies had cost the bare prompt instead (0.91 ->
 # 0.78 and 0.64 with the whole batch copies, see DECODER_BACKGROUNDS).
 BACKGROUND_COPIES = {"small": 0.25, "sd": 0.0}
-# Prior preservation on the small models also replays the model's own samples for random captions
-# of the Shapes grammar (with those captions): the class prompt alone keeps `a yellow circle`
-# but lets every other prompt drift (measured with the base VAE: full-prompt accuracy 0.86 -> 0.57
-# from the tuned UNet; 0.69-0.75 with these samples). The decoder keeps renders instead (above).
+# Prior preservation on the small models also replays random scenes of the Shapes world with
+# their captions: the class prompt alone keeps `a yellow circle` but lets every other prompt
+# drift (measured with the base VAE: full-prompt accuracy 0.86 -> 0.57 from the tuned UNet;
+# 0.69-0.75 with the model's own samples of random captions, which these renders replaced).
 WORLD_PRIOR = {"small": True, "sd": False}
-WORLD_PROMPT = "shapes world captions"  # the cache key of those samples
-# ... and there the UNet matches the base UNet's own prediction for the world samples' noisy
-# latents rather than their sampled noise: the whole function, not one noisy draw of it, so it
-# keeps more of what it drew (the drift is the UNet's: it rounds small squares and triangles).
+# ... and there the UNet matches the base UNet's own prediction for the world's noisy latents
+# rather than their sampled noise: the whole function, not one noisy draw of it, so it keeps
+# more of what it drew (the drift is the UNet's: it rounds small squares and triangles).
 # Measured with the subject large (64 seeds, 256 full prompts, base 0.980): star / on blue / full
 # after 1.00 / 0.94 / 0.879 against 0.95 / 0.97 / 0.863; half the lr instead: 0.88 / 0.80 / 0.879
 # (subject-size-2026-12-02.json).
 WORLD_PRIOR_TEACHER = {"small": True, "sd": False}
+# With the teacher's targets the inputs need not be the model's samples: WORLD_RENDERS encoded
+# renders (no generation, so more of them), WORLD_SMALL_SHARE of them forced to a small object
+# (three quarters small in all), where every drift showed (small squares and triangles drawn as
+# circles), and WORLD_BATCH_SHARE x the batch of them each step. LoRA, seed-1 star set, conv
+# adapters at rank 4 (star / on blue / drop on the script's 256 prompts / on 200 other prompts):
+# 64 samples, x1: 0.92 / 0.59 / 0.070 / 0.095; 512 renders x1: 0.94 / 0.66 / 0.101 / 0.125; x2:
+# 0.94 / 0.95 / 0.078 / 0.110; x2 and half of them small: 0.97 / 0.88 / 0.078 / 0.095; seed 0
+# 0.95 / 0.89 / 0.078 / 0.100 against 0.95 / 0.95 / 0.098 / 0.095 before. Full Dreambooth
+# measured level: seed 0 0.95 / 0.92 / 0.101 / 0.140 against 0.97 / 0.98 / 0.090 / 0.135, seed 1
+# 0.92 / 0.92 / 0.098 / 0.145 against 0.95 / 0.70 / 0.098 / 0.130
+# (lora-world-renders-2026-12-03.json in docs/measurements/personalization)
+WORLD_RENDERS = 512
+WORLD_SMALL_SHARE = 0.5
+WORLD_BATCH_SHARE = 2
 # With the teacher's targets a prior loss weight of 2 kept more again: 0.89 / 0.92 / 0.891 against
 # 1.00 / 0.94 / 0.879 at weight 1 (one run each; before the teacher, weight 2 measured no better)
 PRIOR_LOSS_WEIGHT = {"small": 2.0, "sd": 1.0}
@@ -180,6 +200,7 @@ class DreamboothConfig(TrainConfig):
     train_text_encoder: bool = False
     lora: bool = False
     rank: int | None = None  # None: by model size (personal.LORA_RANK)
+    conv_rank: int | None = None  # None: by model size (LORA_CONV_RANK_SHARE of rank)
     class_data_dir: str | None = None
     save_dtype: str = "fp16"
     train_decoder: bool | None = None  # None: on for small models (see DECODER)
@@ -201,6 +222,8 @@ class DreamboothConfig(TrainConfig):
             raise InputError(f"num-class-images must be >= 1, got {self.num_class_images}")
         if self.rank is not None and self.rank < 1:
             raise InputError(f"rank must be >= 1, got {self.rank}")
+        if self.conv_rank is not None and self.conv_rank < 1:
+            raise InputError(f"conv rank must be >= 1, got {self.conv_rank}")
         if self.prior_loss_weight is not None and self.prior_loss_weight < 0:
             raise InputError(f"prior loss weight must be >= 0, got {self.prior_loss_weight}")
         if self.decoder_lr is not None and self.decoder_lr <= 0:
@@ -252,31 +275,26 @@ def ensure_class_images(s: Session, cfg: DreamboothConfig) -> Path:
     return folder
 
 
-def ensure_world_images(s: Session, cfg: DreamboothConfig) -> Path:
-    """The model's own samples for random captions of the Shapes grammar (as many as class
-    images), each with its caption beside it (NAME.txt), generated once and cached."""
-    from sdlab.eval.evaluate import draw_prompts
-    n = cfg.num_class_images or CLASS_IMAGES[s.scale]
-    folder = class_folder(cfg, n, prompt=WORLD_PROMPT)
-    prompts = draw_prompts(random.Random(cfg.seed), n, "mixed")
-    _generate_once(s, cfg, folder, prompts, {"prompts": "world"}, "world images", captions=True)
-    return folder
-
-
-def world_renders(s: Session, n: int) -> ImageSet:
-    """`n` renders of random Shapes scenes and their encoder latents: the small models' decoder
-    preservation set, true shapes as targets (the model's own samples carry its decoder's
-    rounding of small squares)."""
-    rng = random.Random(f"{s.cfg.seed}/world renders")
-    pixels = images_to_tensor(np.stack([render(sample_scene(rng)) for _ in range(n)]))
+def world_renders(s: Session, n: int, name: str = "world renders",
+                  small_share: float = 0.0) -> ImageSet:
+    """`n` renders of random Shapes scenes, their encoder latents and captions (each optional
+    clause kept half the time), drawn from a generator named `name`; `small_share` of the scenes
+    are forced to a small object (the others drawn at either size). The small models'
+    preservation sets: for the decoder true shapes as targets (the model's own samples carry its
+    decoder's rounding of small squares), for the UNet the world it was trained on (WORLD_PRIOR)."""
+    rng = random.Random(f"{s.cfg.seed}/{name}")
+    scenes = [sample_scene(rng, **({"size": "small"} if rng.random() < small_share else {}))
+              for _ in range(n)]
+    captions = [random_caption(scene, rng, keep=0.5) for scene in scenes]
+    pixels = images_to_tensor(np.stack([render(scene) for scene in scenes]))
     if pixels.shape[-1] != s.cfg.resolution:  # a small model of another size (tests)
         pixels = torch.nn.functional.interpolate(pixels, size=s.cfg.resolution, mode="area")
     latents = data.encode_latents(s.components.vae, pixels, flip=False)
-    return ImageSet(latents, [None] * n, data.Sampler(n, 1, s.cfg.seed + 4), pixels[:, None])
+    return ImageSet(latents, captions, data.Sampler(n, 1, s.cfg.seed + 4), pixels[:, None])
 
 
 def _generate_once(s: Session, cfg: DreamboothConfig, folder: Path, prompts: list[str],
-                   record: dict, desc: str, captions: bool = False) -> None:
+                   record: dict, desc: str) -> None:
     """One image per prompt (image k at seed + k) into folder, unless done.json says it is
     there; the main process generates, the others wait."""
     if s.accelerator.is_main_process and not (folder / DONE_FILE).exists():
@@ -290,8 +308,6 @@ def _generate_once(s: Session, cfg: DreamboothConfig, folder: Path, prompts: lis
                 results = s.pipe.generate(prompts[start:start + batch], seed=cfg.seed + start)
             for k, r in enumerate(results):
                 save_png(r.image, folder / f"{start + k:05d}.png", r.params.infotext())
-                if captions:
-                    (folder / f"{start + k:05d}.txt").write_text(prompts[start + k])
         (folder / DONE_FILE).write_text(json.dumps({"model": cfg.model, **record,
                                                     "n": len(prompts), "seed": cfg.seed}))
     s.accelerator.wait_for_everyone()
@@ -308,6 +324,11 @@ def unet_lora_targets(scale: str) -> list[str] | str:
     return rf"{UNET_LORA_BLOCKS}\..*\.({names})"
 
 
+def conv_rank_pattern(cfg: DreamboothConfig) -> dict[str, int]:
+    """peft's rank_pattern (and alpha_pattern: scale 1) for the UNet's convolutions."""
+    return {} if cfg.conv_rank == cfg.rank else {name: cfg.conv_rank for name in UNET_LORA_CONVS}
+
+
 def prepare_models(s: Session, cfg: DreamboothConfig) -> list[torch.nn.Module]:
     """Set which weights learn (full or LoRA); returns the modules that train."""
     from peft import LoraConfig
@@ -317,8 +338,10 @@ def prepare_models(s: Session, cfg: DreamboothConfig) -> list[torch.nn.Module]:
     for module, targets in zip(trained, (unet_lora_targets(s.scale), TEXT_LORA_TARGETS)):
         if cfg.lora:
             module.requires_grad_(False)
+            pattern = conv_rank_pattern(cfg) if module is c.unet else {}
             module.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
-                                          target_modules=targets))
+                                          target_modules=targets, rank_pattern=pattern,
+                                          alpha_pattern=pattern))
         else:
             module.requires_grad_(True)
         module.train()
@@ -372,6 +395,8 @@ def fill_dreambooth_defaults(cfg: DreamboothConfig, scale: str) -> None:
         cfg.world_prior_teacher = WORLD_PRIOR_TEACHER[scale]
     if cfg.prior_loss_weight is None:
         cfg.prior_loss_weight = PRIOR_LOSS_WEIGHT[scale]
+    if cfg.lora and cfg.conv_rank is None:
+        cfg.conv_rank = max(1, round(cfg.rank * LORA_CONV_RANK_SHARE[scale]))
     cfg.decoder_lr = cfg.decoder_lr or DECODER_LR
     cfg.subject_size = cfg.subject_size or SUBJECT_SIZE[scale]
     if cfg.background_copies is None:
@@ -391,7 +416,9 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     prior = None
     if cfg.prior_preservation:
         prior = s.load_images(ensure_class_images(s, cfg), seed_offset=1)
-    world = s.load_images(ensure_world_images(s, cfg), seed_offset=2) if cfg.world_prior else None
+    world = (world_renders(s, WORLD_RENDERS, "unet world renders", WORLD_SMALL_SHARE)
+             if cfg.world_prior else None)
+    world_batch = WORLD_BATCH_SHARE * cfg.batch_size
     # a frozen copy of the UNet as it was, taken before any adapter is added (see WORLD_PRIOR_TEACHER)
     teacher = (copy.deepcopy(s.components.unet).requires_grad_(False).eval()
                if world is not None and cfg.world_prior_teacher else None)
@@ -456,9 +483,10 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
                 more, picks = s.batch(images, step, n)
                 parts.append(more)
                 prompts += prompts_for(images, picks, cfg.instance_prompt, rng, captioned)
-        for images, prompt in ((prior, cfg.class_prompt), (world, "")):
+        for images, prompt, size in ((prior, cfg.class_prompt, cfg.batch_size),
+                                     (world, "", world_batch)):
             if images is not None:
-                more, picks = s.batch(images, step, cfg.batch_size)
+                more, picks = s.batch(images, step, size)
                 parts.append(more)
                 prompts += prompts_for(images, picks, prompt, rng)
         latents = torch.cat(parts)
@@ -474,7 +502,7 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
             cond = te(s.token_ids(prompts))[0]
         # the world's samples come last in the batch
         per_sample = s.diffusion_loss(unet, latents, cond, step,
-                                      (teacher, len(latents) - cfg.batch_size) if teacher else None)
+                                      (teacher, len(latents) - world_batch) if teacher else None)
         n = cfg.batch_size
         loss = per_sample[:n].mean()
         if len(per_sample) > n:  # class images, then the world's samples
@@ -519,8 +547,10 @@ def save_lora(s: Session, cfg: DreamboothConfig, out: Path) -> Path:
     c = s.components
     unet_state = _one_key_format(convert_state_dict_to_diffusers(get_peft_model_state_dict(c.unet)))
     layers = {"unet_lora_layers": _cast(unet_state, dtype)}
+    pattern = conv_rank_pattern(cfg)
     meta = {"unet_lora_adapter_metadata": {"r": cfg.rank, "lora_alpha": cfg.rank,
-                                           "target_modules": unet_lora_targets(s.scale)}}
+                                           "target_modules": unet_lora_targets(s.scale),
+                                           "rank_pattern": pattern, "alpha_pattern": pattern}}
     if cfg.train_text_encoder:
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(c.text_encoder))
         if not hasattr(c.text_encoder, "text_model"):  # transformers 5; files keep SD's names

@@ -60,16 +60,19 @@ def register_all(recipes) -> None:
     db.add_argument("--lora", action="store_true", help="train a LoRA instead of the full model")
     db.add_argument("--rank", type=int, default=None,
                     help="LoRA rank of the UNet's adapters (default: 8 on the small models, 4 on SD)")
+    db.add_argument("--conv-rank", type=int, default=None,
+                    help="LoRA rank of the UNet's convolution adapters, where it has them (default: "
+                         "half of --rank on the small models)")
     db.add_argument("--train-decoder", action=argparse.BooleanOptionalAction, default=None,
                     help="also fine-tune the VAE decoder on the images (default: on for the small "
                          "Shapes models, whose VAE never saw shapes outside their world)")
     db.add_argument("--decoder-lr", type=float, default=None, help="default 3e-4")
     db.add_argument("--world-prior", action=argparse.BooleanOptionalAction, default=None,
-                    help="with --prior-preservation, also replay the model's own samples of "
-                         "random Shapes captions (default: on for the small Shapes models)")
+                    help="with --prior-preservation, also replay captioned renders of random "
+                         "Shapes scenes (default: on for the small Shapes models)")
     db.add_argument("--world-prior-teacher", action=argparse.BooleanOptionalAction, default=None,
                     help="with --world-prior, match the base UNet's own predictions for the world "
-                         "samples rather than their sampled noise (default: on for the small "
+                         "renders rather than their sampled noise (default: on for the small "
                          "Shapes models)")
     db.add_argument("--background-copies", type=float, default=None, metavar="SHARE",
                     help="share (0-1) of the UNet's instance batch drawn from the images' copies on "
