@@ -30,8 +30,8 @@ also replays captioned renders of random Shapes scenes (--world-prior, see WORLD
 LoRA adapters (rank 8 by default, 4 on convolutions) cover the convolutions as well as the
 attention of the UNet's up blocks (UNET_LORA_TARGETS_SMALL, UNET_LORA_BLOCKS, LORA_CONV_RANK).
 
-Defaults (see sdlab.train.personal): small models 300 steps, batch 8 (+8 class, +16 world samples
-with prior preservation), lr 1e-4 full /
+Defaults (see sdlab.train.personal): small models 300 steps, batch 8 (+8 class, +16 world
+renders with prior preservation), lr 1e-4 full /
 1e-3 LoRA, 64 class images; 512 px models 400 steps lr 5e-6 full, 500 steps lr 1e-4 LoRA, batch 1,
 100 class images.
 """

@@ -5,12 +5,12 @@ Defaults depend on the model's size, read from its resolution (the model's defau
 
   recipe              small (<= 128 px: the embedded Shapes models)   real (SD 1.x/2.x, 512 px)
   textual inversion   400 steps, lr 5e-3, batch 16, 2 vectors         2000 steps, lr 5e-4, batch 1, 1 vector
-  dreambooth          300 steps, lr 1e-4, batch 8 (+8 class +8 world) 400 steps, lr 5e-6, batch 1
-  dreambooth --lora   300 steps, lr 1e-3, batch 8 (+8 class +8 world) 500 steps, lr 1e-4, batch 1
-  LoRA rank (UNet)    8                                               4
-  class images        64 (+64 world samples, with prior preservation)  100
+  dreambooth          300 steps, lr 1e-4, batch 8 (+8 class +16 world) 400 steps, lr 5e-6, batch 1
+  dreambooth --lora   300 steps, lr 1e-3, batch 8 (+8 class +16 world) 500 steps, lr 1e-4, batch 1
+  LoRA rank (UNet)    8 (4 on convolutions)                           4
+  class images        64 (+512 world renders, with prior preservation) 100
   dreambooth decoder  VAE decoder tuned too (lr 3e-4; LoRA rank 16)   off (SD's VAE draws anything)
-  LoRA targets        attention, transformer projections, ResNet convs attention (to_q/k/v/out)
+  LoRA targets        up blocks: attention, projections, ResNet convs attention (to_q/k/v/out)
   background captions one-object images without a caption file  off
                       captioned `... on a BG background` (TI: always,
                       plus copies on the other backgrounds; Dreambooth:
