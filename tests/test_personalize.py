@@ -435,7 +435,7 @@ def test_two_tone_subjects_resized_large_or_to_both_sizes(model):
                          subject_size="huge").check()
 
 
-def test_world_renders_are_the_decoders_preservation_set(model):
+def test_world_renders_are_the_decoder_and_unet_preservation_sets(model):
     from types import SimpleNamespace
 
     from sdlab.shapes.world import PALETTE
