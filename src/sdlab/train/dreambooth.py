@@ -28,7 +28,8 @@ too, to reconstruct the instance images and renders of the world: a full run sav
 `vae/`, a LoRA run adds decoder adapters to its file under `vae.` keys. There, prior preservation
 also replays captioned renders of random Shapes scenes (--world-prior, see WORLD_PRIOR), and
 LoRA adapters (rank 8 by default, 4 on convolutions) cover the convolutions as well as the
-attention of the UNet's up blocks (UNET_LORA_TARGETS_SMALL, UNET_LORA_BLOCKS, LORA_CONV_RANK).
+attention of the UNet's up blocks (UNET_LORA_TARGETS_SMALL, UNET_LORA_BLOCKS,
+LORA_CONV_RANK_SHARE).
 
 Defaults (see sdlab.train.personal): small models 300 steps, batch 8 (+8 class, +16 world
 renders with prior preservation), lr 1e-4 full /
@@ -63,8 +64,9 @@ UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # On the small models attention adapters alone cannot draw a new shape (measured: `a yellow sks`
 # 0.06 of seeds; 0.34-0.38 with these), so the ResNet convolutions and the transformer blocks'
 # projections get adapters too; rank 4 on all of them is about 0.5 MB in fp16, rank 8 about 1 MB.
-UNET_LORA_TARGETS_SMALL = UNET_LORA_TARGETS + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                                               "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
+UNET_LORA_CONVS = ("conv1", "conv2", "conv_shortcut")
+UNET_LORA_TARGETS_SMALL = (UNET_LORA_TARGETS + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+                           + list(UNET_LORA_CONVS) + ["time_emb_proj"])
 # ... and only in the UNet's up blocks: there the star is drawn and the down and middle blocks'
 # adapters add drift. Measured by keeping subsets of a trained LoRA's keys (seed-1 star set; `a
 # yellow sks` on 32 seeds, 200 full prompts at seed 5000, base 0.985): all 0.81 / 0.860, up blocks
@@ -75,7 +77,6 @@ UNET_LORA_TARGETS_SMALL = UNET_LORA_TARGETS + ["proj_in", "proj_out", "ff.net.0.
 # 0.99 MB file against 1.38 MB. Up blocks 1-3 only: 0.91 / 0.61 / 0.887 (seed 1)
 # (lora-blocks-2026-12-03.json in docs/measurements/personalization).
 UNET_LORA_BLOCKS = "up_blocks"
-UNET_LORA_CONVS = ("conv1", "conv2", "conv_shortcut")
 # ... and there the convolutions' adapters have half the rank of the others (--conv-rank; kohya's
 # LoCon conv_dim): they draw the star but also move every prompt, as they do not read the text.
 # Measured on the seed-1 star set (star / on blue / full drop on the script's 256 prompts / on 200
