@@ -453,6 +453,10 @@ def test_world_renders_are_the_decoder_and_unet_preservation_sets(model):
     assert all(c.startswith(("a ", "an ")) for c in small.captions)
     sizes = [c.split()[1] for c in small.captions if c.split()[1] in ("small", "large")]
     assert sizes.count("small") > 2 * sizes.count("large"), sizes
+    # each render's object cells (the full recipe's loss weights, WORLD_OBJECT_WEIGHT): some, not all
+    cells = small.object_cells
+    assert cells.shape == (64, 1, *small.latents.shape[-2:])
+    assert ((cells.flatten(1) > 0).sum(1) > 0).all() and (cells.flatten(1).mean(1) < 0.5).all()
 
 
 def test_lora_rank_defaults_by_model_size():
@@ -525,3 +529,9 @@ def test_world_prior_teacher_targets_are_the_frozen_unets_predictions(model):
                                     teacher=(copy.deepcopy(unet), 2))
     assert torch.equal(taught[:2], plain[:2])  # before k: the sampled noise is the target
     assert taught[2:].abs().max() < 1e-10 < plain[2:].min()  # from k: the teacher's prediction
+    # cell weights for the last samples scale their squared errors there
+    weights = torch.ones(2, 1, 8, 8)
+    weights[0, :, :4] = 3.0
+    weighted = Session.diffusion_loss(session, unet, latents, cond, step=0, last_weights=weights)
+    assert torch.equal(weighted[:2], plain[:2]) and torch.allclose(weighted[3], plain[3])
+    assert weighted[2] > 1.5 * plain[2]

@@ -17,6 +17,7 @@ Defaults depend on the model's size, read from its resolution (the model's defau
                       half the time)
   dreambooth subject  two-tone images' objects shown large            as shown
   world prior target  the base UNet's prediction (teacher)            (no world prior)
+  world prior, full   a quarter captioned ``; objects' cells 4x weight (no world prior)
   prior loss weight   2                                               1
 
 The real-model column is the usual one (diffusers' examples). The small column keeps each recipe
@@ -144,6 +145,7 @@ class ImageSet:
     captions: list[str | None]
     sampler: data.Sampler
     pixels: torch.Tensor  # (N, views, 3, H, W) in [-1, 1]: what a decoder fine-tune reconstructs
+    object_cells: torch.Tensor | None = None  # (N, 1, h, w), renders only: see object_cells
 
 
 def _palette() -> tuple[list[str], torch.Tensor]:
@@ -364,10 +366,12 @@ class Session:
     # --- loss ---------------------------------------------------------------------------------
 
     def diffusion_loss(self, unet, latents: torch.Tensor, cond: torch.Tensor, step: int,
-                       teacher: tuple[torch.nn.Module, int] | None = None) -> torch.Tensor:
+                       teacher: tuple[torch.nn.Module, int] | None = None,
+                       last_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample MSE of the UNet's prediction (epsilon, v or x0, as the model was trained).
         With `teacher` (a frozen UNet, index k), samples from k on are matched to the teacher's
-        prediction for the same noisy latents instead of to the sampled noise.
+        prediction for the same noisy latents instead of to the sampled noise. `last_weights`
+        (m, 1, h, w) weight the squared errors of the last m samples cell by cell.
 
         Noise and timesteps come from a generator seeded by (seed, step, process), so a resumed
         run draws what an uninterrupted one would have."""
@@ -388,7 +392,11 @@ class Session:
                 with torch.no_grad():
                     taught = model(noisy[k:], t[k:], encoder_hidden_states=cond[k:].detach()).sample
                 target = torch.cat([target[:k].to(taught.dtype), taught])
-        return ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+        err = (pred.float() - target.float()) ** 2
+        if last_weights is not None:
+            m = len(last_weights)
+            err = torch.cat([err[:-m], err[-m:] * last_weights.to(err.device)])
+        return err.mean(dim=(1, 2, 3))
 
     # --- validation ---------------------------------------------------------------------------
 
