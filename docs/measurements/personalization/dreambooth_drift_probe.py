@@ -5,6 +5,8 @@
     python dreambooth_drift_probe.py uncond DIR base|trained  CFG's unconditional pass from one UNet,
                                                             the conditional from the other
     python dreambooth_drift_probe.py vae DIR                 the trained UNet with the base VAE
+    python dreambooth_drift_probe.py steps DIR hi:T lo:T ... the trained UNet only at t >= T (hi)
+                                                            or below T (lo), the base elsewhere
 
 Each line: `a yellow sks` and `... on a blue background` judged on 32 seeds, and full-prompt
 accuracy of 200 prompts drawn at seed 5000 (the base model: 0.985)."""
@@ -45,6 +47,20 @@ class UncondFrom(torch.nn.Module):
         return type("Out", (), {"sample": torch.where(is_empty.view(-1, 1, 1, 1), b, a)})()
 
 
+class ByTimestep(torch.nn.Module):
+    """`tuned` at the timesteps `where` ("hi": t >= T, "lo": t < T), `base` at the others."""
+
+    def __init__(self, tuned, base, where: str, T: float):
+        super().__init__()
+        self.tuned, self.base, self.where, self.T = tuned, base, where, T
+        self.config, self.device, self.dtype = tuned.config, tuned.device, tuned.dtype
+
+    def forward(self, x, t, encoder_hidden_states, **kw):
+        tuned = (float(t) >= self.T) == (self.where == "hi")
+        unet = self.tuned if tuned else self.base
+        return unet(x, t, encoder_hidden_states=encoder_hidden_states, **kw)
+
+
 def rate(pipe, prompt: str, plain: str, n: int = 32) -> float:
     want = parse_prompt(plain)
     return sum(all(is_right(judge(r.image), want).values())
@@ -69,12 +85,16 @@ def main(mode: str, folder: str, *what: str) -> None:
             scale, pattern = ((float(item[1:]), ".") if re.fullmatch(r"a[\d.]+", item)
                               else (1.0, GROUPS[item]))
             before = {k: v.to(c.unet.dtype) for k, v in base.unet.state_dict().items()}
-            c.unet.load_state_dict({k: before[k] + scale * (v - before[k]) * bool(re.search(pattern, k))
+            kept = {k: scale * bool(re.search(pattern, k)) for k in before}
+            c.unet.load_state_dict({k: before[k] + kept[k] * (v - before[k])
                                     for k, v in c.unet.state_dict().items()})
         elif mode == "uncond":
             empty = pipe.encoder.encode([""])
             c.unet = (UncondFrom(c.unet, base.unet, empty) if item == "base"
                       else UncondFrom(base.unet, c.unet, empty))
+        elif mode == "steps":
+            where, T = item.split(":")
+            c.unet = ByTimestep(c.unet, base.unet, where, float(T))
         elif mode == "vae":
             c.vae = base.vae
         report(f"{mode} {item}", pipe, t0)

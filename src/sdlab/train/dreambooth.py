@@ -176,17 +176,17 @@ WORLD_PRIOR_TEACHER = {"small": True, "sd": False}
 WORLD_RENDERS = 512
 WORLD_SMALL_SHARE = 0.5
 WORLD_BATCH_SHARE = 2
-# Full fine-tuning's drift moved with the star under every single change tried (a decay to the
-# base weights, only the up blocks training, teacher or noise targets, low timesteps only; see
-# dreambooth-drift-2026-12-03.json): it lives in the UNet's up blocks, below t = 500, in a change
-# its conditional and unconditional predictions share. Two changes together lowered it and kept the
-# star: WORLD_UNCOND_SHARE of the renders captioned with the empty prompt (so the unconditional
-# prediction, which guidance subtracts, is anchored too) and their loss weighted 1 +
-# WORLD_OBJECT_WEIGHT x the object's latent cells (a small shape is a few of 256 cells, all the
-# failures were small shapes). Star / on blue / drop on 256 / on 200 other prompts, seed 0: 0.95 /
-# 0.92 / 0.101 / 0.140 -> 0.89 / 0.94 / 0.070 / 0.085; seed 1: 0.92 / 0.92 / 0.098 / 0.145 -> 0.92 /
-# 0.95 / 0.070 / 0.045. Alone each lost the star or kept the drift: 0.98 / 1.00 / 0.109 / 0.135
-# and (at 8x) 0.45 / 0.39 / 0.082 / 0.115.
+# No single change tried lowered full fine-tuning's drift and kept the star (a decay to the base
+# weights or object weights lost both, teacher or noise targets, only the up blocks training or low
+# timesteps only kept both; see dreambooth-drift-2026-12-03.json): it lives in the UNet's up blocks,
+# below t = 500, in a change its conditional and unconditional predictions share. Two changes
+# together lowered it and kept the star: WORLD_UNCOND_SHARE of the renders captioned with the empty
+# prompt (so the unconditional prediction, which guidance subtracts, is anchored too) and their loss
+# weighted 1 + WORLD_OBJECT_WEIGHT x the object's latent cells (a small shape is a few of 256 cells,
+# all the failures were small shapes). Star / on blue / drop on 256 / on 200 other prompts, seed 0:
+# 0.95 / 0.92 / 0.101 / 0.140 -> 0.89 / 0.94 / 0.070 / 0.085; seed 1: 0.92 / 0.92 / 0.098 / 0.145 ->
+# 0.92 / 0.95 / 0.070 / 0.045. Alone each lost the star or kept the drift: 0.98 / 1.00 / 0.109 /
+# 0.135 and (at 8x) 0.45 / 0.39 / 0.082 / 0.115.
 # LoRA keeps the recipe it was measured with (neither).
 WORLD_UNCOND_SHARE = {"full": 0.25, "lora": 0.0}
 WORLD_OBJECT_WEIGHT = {"full": 3.0, "lora": 0.0}
