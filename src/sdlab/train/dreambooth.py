@@ -501,18 +501,17 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
                 more, picks = s.batch(images, step, n)
                 parts.append(more)
                 prompts += prompts_for(images, picks, cfg.instance_prompt, rng, captioned)
-        for images, prompt, size in ((prior, cfg.class_prompt, cfg.batch_size),
-                                     (world, "", world_batch)):
-            if images is not None:
-                more, picks = s.batch(images, step, size)
-                parts.append(more)
-                if images is world:  # last in the batch; see WORLD_UNCOND_SHARE
-                    prompts += ["" if rng.random() < uncond_share else p
-                                for p in prompts_for(images, picks, prompt, rng)]
-                    if object_weight:
-                        world_weights = 1 + object_weight * world.object_cells[picks]
-                else:
-                    prompts += prompts_for(images, picks, prompt, rng)
+        if prior is not None:
+            more, picks = s.batch(prior, step, cfg.batch_size)
+            parts.append(more)
+            prompts += prompts_for(prior, picks, cfg.class_prompt, rng)
+        if world is not None:  # last in the batch; see WORLD_UNCOND_SHARE
+            more, picks = s.batch(world, step, world_batch)
+            parts.append(more)
+            prompts += ["" if rng.random() < uncond_share else p
+                        for p in prompts_for(world, picks, "", rng)]
+            if object_weight:
+                world_weights = 1 + object_weight * world.object_cells[picks]
         latents = torch.cat(parts)
         if not decoder:
             return latents, prompts, world_weights, None
