@@ -3,6 +3,9 @@ embeddings and LoRAs of sdlab's, diffusers', A1111's and kohya's formats, errors
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -459,6 +462,22 @@ def test_world_renders_are_the_decoder_and_unet_preservation_sets(model):
     assert ((cells.flatten(1) > 0).sum(1) > 0).all() and (cells.flatten(1).mean(1) < 0.5).all()
 
 
+def test_training_noise_is_the_same_in_every_process():
+    """Session.generator's seeds are integers only: Python salts a str's hash per process, which
+    had given the decoder's noise (so any rerun or resumed run) a different draw every time."""
+    code = ("from types import SimpleNamespace as N; from sdlab.train.personal import Session; "
+            "from sdlab.train.dreambooth import DECODER_STREAM; "
+            "s = N(cfg=N(seed=3), accelerator=N(process_index=0)); "
+            "print(Session.generator(s, 7).initial_seed(), "
+            "Session.generator(s, 7, DECODER_STREAM).initial_seed())")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": salt}).stdout
+            for salt in ("1", "2")}
+    assert len(runs) == 1
+    unet_seed, decoder_seed = runs.pop().split()
+    assert unet_seed != decoder_seed
+
+
 def test_lora_rank_defaults_by_model_size():
     from types import SimpleNamespace
 
@@ -522,6 +541,7 @@ def test_world_prior_teacher_targets_are_the_frozen_unets_predictions(model):
     session = SimpleNamespace(noise_scheduler=DDPMScheduler(num_train_timesteps=1000),
                               cfg=SimpleNamespace(seed=0), accelerator=Accelerator(cpu=True),
                               components=SimpleNamespace(prediction_type="epsilon"))
+    session.generator = lambda step, *stream: Session.generator(session, step, *stream)
     latents = torch.randn(4, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = torch.randn(4, 77, unet.config.cross_attention_dim)
     plain = Session.diffusion_loss(session, unet, latents, cond, step=0)

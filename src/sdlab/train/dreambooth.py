@@ -110,6 +110,7 @@ DECODER_RENDERS = 256
 # 0.727, star 0.66 vs 0.72 on 128 seeds; decoder-lr-2026-12-02.json there).
 DECODER_LR = 3e-4
 DECODER_LATENT_NOISE = 0.1
+DECODER_STREAM = 1  # the decoder's noise: its own stream of Session.generator
 # A full run's decoder loss weights object pixels x5 and their outline x5 more, as the base
 # recipe's decoder stage does (a plain MSE barely sees a small shape's outline). Measured (64
 # seeds): `a yellow sks` 0.53 -> 0.58, on blue 0.59 -> 0.73, base full accuracy after 0.62 -> 0.64.
@@ -387,8 +388,7 @@ def prepare_decoder(s: Session, cfg: DreamboothConfig) -> list[torch.nn.Module]:
 def decoder_loss(s: Session, latents: torch.Tensor, pixels: torch.Tensor, step: int) -> torch.Tensor:
     """Reconstruction error of the decoded (jittered) training latents against their images."""
     vae = s.components.vae
-    gen = torch.Generator().manual_seed(hash((s.cfg.seed, step, s.accelerator.process_index,
-                                              "decoder")) % 2**63)
+    gen = s.generator(step, DECODER_STREAM)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     z = latents.float() / vae.config.scaling_factor + shift
     sigma = DECODER_LATENT_NOISE * torch.rand(z.shape[0], 1, 1, 1, generator=gen)
@@ -419,6 +419,124 @@ def fill_dreambooth_defaults(cfg: DreamboothConfig, scale: str) -> None:
         cfg.background_copies = BACKGROUND_COPIES[scale]
 
 
+# --- batches --------------------------------------------------------------------------------
+
+def prompts_for(images: ImageSet, picks: list[int], prompt: str, rng: random.Random,
+                captioned: ImageSet | None = None) -> list[str]:
+    """The picked images' captions (the prompt where none). With `captioned` (small models'
+    instance images) its captions, from a caption file or the background, half the time and the
+    bare prompt otherwise, as the base recipe keeps each clause: always kept, `a yellow sks`
+    alone fell back to the class (star 0.56 -> 0.19 of seeds)."""
+    if captioned is None:
+        return [format_caption(images.captions[i], prompt, prompt) for i in picks]
+    rich = [format_caption(captioned.captions[i], prompt, prompt) for i in picks]
+    return [r if rng.random() < 0.5 else prompt for r in rich]
+
+
+@dataclass
+class DreamboothBatch:
+    latents: torch.Tensor  # instance batch, then class images, then world renders
+    prompts: list[str]
+    world_weights: torch.Tensor | None  # per-cell loss weights of the world renders
+    decoder: tuple[torch.Tensor, torch.Tensor] | None  # (latents, pixels) the decoder redraws
+
+
+@dataclass
+class DreamboothData:
+    """What each step trains on. `instance_parts`: (images, how many, their captioned version)
+    making up the instance batch; `decoded`: (images, how many) the decoder reconstructs, none
+    when it does not learn."""
+
+    cfg: DreamboothConfig
+    instance_parts: list[tuple[ImageSet | None, int, ImageSet | None]]
+    prior: ImageSet | None  # class images
+    world: ImageSet | None  # world renders (see WORLD_PRIOR)
+    world_batch: int
+    uncond_share: float  # see WORLD_UNCOND_SHARE
+    object_weight: float  # see WORLD_OBJECT_WEIGHT
+    decoded: list[tuple[ImageSet | None, int]]
+
+    def batch(self, s: Session, step: int) -> DreamboothBatch:
+        cfg = self.cfg
+        rng = random.Random(f"{cfg.seed}/background/{step}/{s.accelerator.process_index}")
+        parts, prompts, world_weights = [], [], None
+        for images, n, captioned in self.instance_parts:
+            if n:
+                more, picks = s.batch(images, step, n)
+                parts.append(more)
+                prompts += prompts_for(images, picks, cfg.instance_prompt, rng, captioned)
+        if self.prior is not None:
+            more, picks = s.batch(self.prior, step, cfg.batch_size)
+            parts.append(more)
+            prompts += prompts_for(self.prior, picks, cfg.class_prompt, rng)
+        if self.world is not None:  # last in the batch, where the loss looks for it
+            more, picks = s.batch(self.world, step, self.world_batch)
+            parts.append(more)
+            prompts += ["" if rng.random() < self.uncond_share else p
+                        for p in prompts_for(self.world, picks, "", rng)]
+            if self.object_weight:
+                world_weights = 1 + self.object_weight * self.world.object_cells[picks]
+        decoder = None
+        if self.decoded:
+            decoder = (torch.cat([s.batch(images, step, n)[0] for images, n in self.decoded]),
+                       torch.cat([s.batch_pixels(images, step, n) for images, n in self.decoded]))
+        return DreamboothBatch(torch.cat(parts), prompts, world_weights, decoder)
+
+
+def dreambooth_data(s: Session, cfg: DreamboothConfig) -> DreamboothData:
+    """Load and encode everything the steps draw from (class images generated first, with the
+    untrained model)."""
+    instance = s.load_images(cfg.images)
+    prior = (s.load_images(ensure_class_images(s, cfg), seed_offset=1)
+             if cfg.prior_preservation else None)
+    world = (world_renders(s, WORLD_RENDERS, "unet world renders", WORLD_SMALL_SHARE)
+             if cfg.world_prior else None)
+    kind = "lora" if cfg.lora else "full"
+    # the UNet's instance batch: the images (their subjects resized, see SUBJECT_SIZE) and
+    # --background-copies of it their copies on every other background (captioned with it).
+    # Class images captioned by background too measured level (star 0.59, on blue 0.50; 0.53,
+    # 0.59 without)
+    template = BACKGROUND_CAPTIONS[s.scale]
+    n_copies = round(cfg.background_copies * cfg.batch_size)
+    shown = instance
+    shown_captioned = with_background_captions(instance, template) if template else None
+    if cfg.subject_size != "as-shown":
+        shown = shown_captioned = resized_subjects(instance, s.components.vae, cfg.subject_size,
+                                                   template)
+    copies = on_other_backgrounds(shown, s.components.vae, template) if n_copies else None
+    instance_parts = [(shown, cfg.batch_size - n_copies, shown_captioned),
+                      (copies, n_copies, copies)]
+    decoded = []
+    if cfg.train_decoder:
+        # half the instance batch (the images as given, on every background, see
+        # DECODER_BACKGROUNDS) and twice as many renders of the world, so that the decoder
+        # forgets nothing else (see DECODER_RENDERS). Decoding is most of a step's cost: the
+        # full instance batch took 2.07 s a step against 1.26 s (0.60 s with no decoder tune)
+        # and measured level (star 0.91 / 0.91, on blue 0.03 / 0.03, full after 0.883 / 0.871;
+        # 688 s vs 417 s)
+        shown_to_decoder = instance
+        if DECODER_BACKGROUNDS and s.scale == "small":
+            # the UNet's copies are these very images when the subjects were not resized
+            shown_to_decoder = (copies if copies is not None and shown is instance
+                                else on_other_backgrounds(instance, s.components.vae, template))
+        decoded = [(shown_to_decoder, max(1, cfg.batch_size // 2)),
+                   (world_renders(s, DECODER_RENDERS), cfg.batch_size)]
+    return DreamboothData(cfg, instance_parts, prior, world, WORLD_BATCH_SHARE * cfg.batch_size,
+                          WORLD_UNCOND_SHARE[kind], WORLD_OBJECT_WEIGHT[kind], decoded)
+
+
+# --- training -------------------------------------------------------------------------------
+
+def make_optimizer(cfg: DreamboothConfig, trained: list[torch.nn.Module],
+                   decoder: list[torch.nn.Module]) -> tuple[list, torch.optim.Optimizer]:
+    """AdamW over what learns, the decoder at its own rate; returns (parameters, optimizer)."""
+    model_params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    decoder_params = [p for m in decoder for p in m.parameters() if p.requires_grad]
+    groups = [{"params": model_params}] + (
+        [{"params": decoder_params, "lr": cfg.decoder_lr}] if decoder_params else [])
+    return model_params + decoder_params, torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-2)
+
+
 def train_dreambooth(cfg: DreamboothConfig) -> Path:
     """Train; returns the model folder (full) or the LoRA file."""
     cfg.check()
@@ -428,120 +546,41 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     fill_dreambooth_defaults(cfg, s.scale)
     if s.accelerator.is_main_process:
         s.write_record()  # again, with the recipe's defaults resolved
-    instance = s.load_images(cfg.images)
-    prior = None
-    if cfg.prior_preservation:
-        prior = s.load_images(ensure_class_images(s, cfg), seed_offset=1)
-    world = (world_renders(s, WORLD_RENDERS, "unet world renders", WORLD_SMALL_SHARE)
-             if cfg.world_prior else None)
-    world_batch = WORLD_BATCH_SHARE * cfg.batch_size
-    kind = "lora" if cfg.lora else "full"
-    uncond_share, object_weight = WORLD_UNCOND_SHARE[kind], WORLD_OBJECT_WEIGHT[kind]
+    steps_data = dreambooth_data(s, cfg)
     # a frozen copy of the UNet as it was, taken before any adapter is added (see WORLD_PRIOR_TEACHER)
     teacher = (copy.deepcopy(s.components.unet).requires_grad_(False).eval()
-               if world is not None and cfg.world_prior_teacher else None)
+               if steps_data.world is not None and cfg.world_prior_teacher else None)
     trained = prepare_models(s, cfg)
     decoder = prepare_decoder(s, cfg) if cfg.train_decoder else []
-    # the decoder's own prior preservation: reconstructing renders of the world keeps it able
-    # to draw everything else (see DECODER_RENDERS)
-    keep = world_renders(s, DECODER_RENDERS) if decoder else None
-    model_params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    decoder_params = [p for m in decoder for p in m.parameters() if p.requires_grad]
-    params = model_params + decoder_params
-    groups = [{"params": model_params}] + (
-        [{"params": decoder_params, "lr": cfg.decoder_lr}] if decoder_params else [])
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-2)
+    params, optimizer = make_optimizer(cfg, trained, decoder)
     prepared = s.accelerator.prepare(*trained, *decoder)
     prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
     unet = prepared[0]
     te = prepared[1] if cfg.train_text_encoder else s.components.text_encoder
 
-    # class images captioned by background too measured level (star 0.59, on blue 0.50; 0.53, 0.59 without)
-    template = BACKGROUND_CAPTIONS[s.scale]
-    instance_bg = with_background_captions(instance, template) if template else None
-
-    def prompts_for(images: ImageSet, picks: list[int], prompt: str, rng: random.Random,
-                    captioned: ImageSet | None = None) -> list[str]:
-        """The picked images' captions (the prompt where none). With `captioned` (small
-        models' instance images) its captions, from a caption file or the background, half the
-        time and the bare prompt otherwise, as the base recipe keeps each clause: always kept,
-        `a yellow sks` alone fell back to the class (star 0.56 -> 0.19 of seeds)."""
-        if captioned is None:
-            return [format_caption(images.captions[i], prompt, prompt) for i in picks]
-        rich = [format_caption(captioned.captions[i], prompt, prompt) for i in picks]
-        return [r if rng.random() < 0.5 else prompt for r in rich]
-
-    # the UNet's instance batch: the images (their subjects resized, see SUBJECT_SIZE) and
-    # --background-copies of it their copies on every other background (captioned with it)
-    n_copies = round(cfg.background_copies * cfg.batch_size)
-    shown, shown_captioned = instance, instance_bg
-    if cfg.subject_size != "as-shown":
-        shown = shown_captioned = resized_subjects(instance, s.components.vae, cfg.subject_size,
-                                                   template)
-    copies = on_other_backgrounds(shown, s.components.vae, template) if n_copies else None
-    instance_parts = [(shown, cfg.batch_size - n_copies, shown_captioned),
-                      (copies, n_copies, copies)]
-    # (images, batch size) the decoder reconstructs each step: half the instance batch (the
-    # images as given, on every background, see DECODER_BACKGROUNDS) and twice as many renders
-    # (see DECODER_RENDERS). Decoding is most of a step's cost: the full instance batch took
-    # 2.07 s a step against 1.26 s (0.60 s with no decoder tune) and measured level (star
-    # 0.91 / 0.91, on blue 0.03 / 0.03, full after 0.883 / 0.871; 688 s vs 417 s)
-    decoded = instance
-    if decoder and DECODER_BACKGROUNDS and s.scale == "small":
-        # the UNet's copies are these very images when the subjects were not resized
-        decoded = (copies if copies is not None and shown is instance
-                   else on_other_backgrounds(instance, s.components.vae, template))
-    decoded_sets = [(decoded, max(1, cfg.batch_size // 2)), (keep, cfg.batch_size)]
-
-    def make_batch(step: int):
-        rng = random.Random(f"{cfg.seed}/background/{step}/{s.accelerator.process_index}")
-        parts, prompts, world_weights = [], [], None
-        for images, n, captioned in instance_parts:
-            if n:
-                more, picks = s.batch(images, step, n)
-                parts.append(more)
-                prompts += prompts_for(images, picks, cfg.instance_prompt, rng, captioned)
-        if prior is not None:
-            more, picks = s.batch(prior, step, cfg.batch_size)
-            parts.append(more)
-            prompts += prompts_for(prior, picks, cfg.class_prompt, rng)
-        if world is not None:  # last in the batch; see WORLD_UNCOND_SHARE
-            more, picks = s.batch(world, step, world_batch)
-            parts.append(more)
-            prompts += ["" if rng.random() < uncond_share else p
-                        for p in prompts_for(world, picks, "", rng)]
-            if object_weight:
-                world_weights = 1 + object_weight * world.object_cells[picks]
-        latents = torch.cat(parts)
-        if not decoder:
-            return latents, prompts, world_weights, None
-        batches = [s.batch(images, step, n)[0] for images, n in decoded_sets]
-        pixels = torch.cat([s.batch_pixels(images, step, n) for images, n in decoded_sets])
-        return latents, prompts, world_weights, (torch.cat(batches), pixels)
-
-    def loss_fn(batch, step: int) -> torch.Tensor:
-        latents, prompts, world_weights, decoder_batch = batch
+    def loss_fn(batch: DreamboothBatch, step: int) -> torch.Tensor:
         with torch.set_grad_enabled(cfg.train_text_encoder):
-            cond = te(s.token_ids(prompts))[0]
-        # the world's samples come last in the batch
-        per_sample = s.diffusion_loss(unet, latents, cond, step,
-                                      (teacher, len(latents) - world_batch) if teacher else None,
-                                      world_weights)
+            cond = te(s.token_ids(batch.prompts))[0]
+        n_world = steps_data.world_batch if steps_data.world is not None else 0
+        per_sample = s.diffusion_loss(unet, batch.latents, cond, step,
+                                      (teacher, len(batch.latents) - n_world) if teacher else None,
+                                      batch.world_weights)
         n = cfg.batch_size
         loss = per_sample[:n].mean()
-        if len(per_sample) > n:  # class images, then the world's samples
+        if len(per_sample) > n:  # class images, then the world's renders
             loss = loss + cfg.prior_loss_weight * per_sample[n:].mean()
-        if decoder_batch is not None:
-            loss = loss + decoder_loss(s, *decoder_batch, step)
+        if batch.decoder is not None:
+            loss = loss + decoder_loss(s, *batch.decoder, step)
         return loss
 
     def save_lora_checkpoint(step: int) -> None:
         if cfg.lora and s.accelerator.is_main_process:
             save_lora(s, cfg, out)
 
-    s.train(params, make_batch, loss_fn, cfg.validation_prompts or [cfg.instance_prompt],
+    prompts = cfg.validation_prompts or [cfg.instance_prompt]
+    s.train(params, lambda step: steps_data.batch(s, step), loss_fn, prompts,
             on_checkpoint=save_lora_checkpoint, optimizer=optimizer)
-    s.validate("final", cfg.validation_prompts or [cfg.instance_prompt])
+    s.validate("final", prompts)
     if not s.accelerator.is_main_process:
         return out / LORA_FILE if cfg.lora else out
     if cfg.lora:

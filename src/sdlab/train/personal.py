@@ -365,6 +365,13 @@ class Session:
 
     # --- loss ---------------------------------------------------------------------------------
 
+    def generator(self, step: int, *stream: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, step, process, *stream), so that a resumed run draws
+        what an uninterrupted one would have. Integers only: Python salts the hash of a str
+        differently in every process."""
+        key = (self.cfg.seed, step, self.accelerator.process_index, *stream)
+        return torch.Generator().manual_seed(hash(key) % 2**63)
+
     def diffusion_loss(self, unet, latents: torch.Tensor, cond: torch.Tensor, step: int,
                        teacher: tuple[torch.nn.Module, int] | None = None,
                        last_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -373,11 +380,9 @@ class Session:
         prediction for the same noisy latents instead of to the sampled noise. `last_weights`
         (m, 1, h, w) weight the squared errors of the last m samples cell by cell.
 
-        Noise and timesteps come from a generator seeded by (seed, step, process), so a resumed
-        run draws what an uninterrupted one would have."""
+        Noise and timesteps come from `self.generator(step)`."""
         sched = self.noise_scheduler
-        gen = torch.Generator().manual_seed(
-            hash((self.cfg.seed, step, self.accelerator.process_index)) % 2**63)
+        gen = self.generator(step)
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],),
                           generator=gen).to(latents.device)
