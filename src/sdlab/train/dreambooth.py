@@ -451,7 +451,7 @@ class DreamboothData:
     instance_parts: list[tuple[ImageSet | None, int, ImageSet | None]]
     prior: ImageSet | None  # class images
     world: ImageSet | None  # world renders (see WORLD_PRIOR)
-    world_batch: int
+    world_batch: int  # renders a step; 0 without them
     uncond_share: float  # see WORLD_UNCOND_SHARE
     object_weight: float  # see WORLD_OBJECT_WEIGHT
     decoded: list[tuple[ImageSet | None, int]]
@@ -521,7 +521,8 @@ def dreambooth_data(s: Session, cfg: DreamboothConfig) -> DreamboothData:
                                 else on_other_backgrounds(instance, s.components.vae, template))
         decoded = [(shown_to_decoder, max(1, cfg.batch_size // 2)),
                    (world_renders(s, DECODER_RENDERS), cfg.batch_size)]
-    return DreamboothData(cfg, instance_parts, prior, world, WORLD_BATCH_SHARE * cfg.batch_size,
+    world_batch = WORLD_BATCH_SHARE * cfg.batch_size if world is not None else 0
+    return DreamboothData(cfg, instance_parts, prior, world, world_batch,
                           WORLD_UNCOND_SHARE[kind], WORLD_OBJECT_WEIGHT[kind], decoded)
 
 
@@ -561,9 +562,9 @@ def train_dreambooth(cfg: DreamboothConfig) -> Path:
     def loss_fn(batch: DreamboothBatch, step: int) -> torch.Tensor:
         with torch.set_grad_enabled(cfg.train_text_encoder):
             cond = te(s.token_ids(batch.prompts))[0]
-        n_world = steps_data.world_batch if steps_data.world is not None else 0
+        first_world = len(batch.latents) - steps_data.world_batch
         per_sample = s.diffusion_loss(unet, batch.latents, cond, step,
-                                      (teacher, len(batch.latents) - n_world) if teacher else None,
+                                      (teacher, first_world) if teacher else None,
                                       batch.world_weights)
         n = cfg.batch_size
         loss = per_sample[:n].mean()
